@@ -1,0 +1,44 @@
+"""Loading of the compiled extension ``grasp._C`` and what it provides.
+
+Importing ``grasp._C`` runs its static initialisers, which register the C++
+operators (``torch.ops.grasp.*``) for the CPU and, when built, CUDA dispatch
+keys. A missing or broken extension is not fatal: the reason is kept so that
+``grasp info`` and backend errors can say what is missing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from grasp import _C  # noqa: F401  (imported for its operator registrations)
+
+    LOAD_ERROR: str | None = None
+except ImportError as exc:  # not built (no compiler, GRASP_NO_EXTENSION=1) or built for another torch
+    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+
+LOADED = LOAD_ERROR is None
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether the extension registered a kernel for ``grasp::op`` under ``dispatch_key`` (CPU, CUDA)."""
+    if not LOADED:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"grasp::{op}", dispatch_key)
+
+
+def missing_reason(op: str, dispatch_key: str) -> str:
+    """Why ``grasp::op`` has no ``dispatch_key`` kernel (an empty string if it has one)."""
+    if not LOADED:
+        return (
+            f"the compiled extension grasp._C is not available ({LOAD_ERROR}); rebuild with "
+            "`pip install --no-build-isolation -e .` and a C++ compiler"
+        )
+    if has_kernel(op, dispatch_key):
+        return ""
+    if dispatch_key == "CUDA":
+        return (
+            "grasp._C was built without its CUDA kernels (CPU-only torch or no nvcc at build time); "
+            "rebuild with a CUDA torch and nvcc, or GRASP_FORCE_CUDA=1"
+        )
+    return f"grasp._C has no {dispatch_key} kernel for grasp::{op}"

@@ -1,0 +1,69 @@
+"""Backend selection shared by the operators (DESIGN.md section 4).
+
+An explicit ``backend=`` argument wins; otherwise ``GRASP_BACKEND`` forces one;
+otherwise the first available backend of the op's preference order for the
+tensors' device is used. An unavailable backend is an error that says what is
+missing, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+from collections.abc import Callable, Sequence
+
+BACKENDS = ("reference", "cpu", "cuda", "triton", "faiss")
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on CPU tensors through its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def import_error(module: str) -> str:
+    """Import ``module``; return "" on success or the reason it failed."""
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        return f"the package {module.split('.')[0]!r} is not installed"
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # a broken install should be reported, not crash dispatch
+        return f"importing {module} failed: {type(exc).__name__}: {exc}"
+    return ""
+
+
+def triton_reason(device_type: str, kernel_module: str) -> str:
+    """Why the Triton kernels in ``kernel_module`` cannot run on ``device_type`` ("" if they can)."""
+    if device_type == "cpu" and not interpreting():
+        return "Triton runs CPU tensors only under its interpreter: set TRITON_INTERPRET=1 before importing triton"
+    if device_type not in ("cpu", "cuda"):
+        return f"Triton kernels run on CUDA tensors, not {device_type}"
+    return import_error(kernel_module)
+
+
+def choose(
+    op: str,
+    requested: str | None,
+    device_type: str,
+    auto_order: dict[str, Sequence[str]],
+    reason: Callable[[str, str], str],
+) -> str:
+    """Pick the backend of ``op`` for tensors on ``device_type``.
+
+    ``reason(backend, device_type)`` returns "" when that backend can run, else why not.
+    """
+    name = requested if requested is not None else (os.environ.get("GRASP_BACKEND") or None)
+    if name is None:
+        for candidate in auto_order.get(device_type, ("reference",)):
+            if not reason(candidate, device_type):
+                return candidate
+        return "reference"
+    if name not in BACKENDS:
+        source = "backend" if requested is not None else "GRASP_BACKEND"
+        raise ValueError(f"{op}: unknown {source} {name!r}; expected one of {', '.join(BACKENDS)}")
+    why = reason(name, device_type)
+    if why:
+        raise RuntimeError(f"{op}: backend {name!r} is not available for {device_type} tensors: {why}")
+    return name

@@ -1,0 +1,181 @@
+"""``grasp.ops.holistic_attention``: holistic sigmoid attention (DESIGN.md section 2).
+
+Public entry point, input validation, backend dispatch, and the autograd and
+fake (meta) registrations of the C++ operators ``grasp::hae_forward`` /
+``grasp::hae_backward`` (their CPU and CUDA kernels live in ``csrc/``). The
+Triton kernels and their ops live in ``grasp_kernels/holistic_attention.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from grasp import _extension
+from grasp.ops import _backends
+from grasp.ops._hae_reference import holistic_attention_reference
+
+__all__ = ["holistic_attention", "holistic_attention_reference", "backend_reason", "AUTO_ORDER"]
+
+ACTIVATIONS = ("sigmoid", "softmax")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_KERNEL_MODULE = "grasp_kernels.holistic_attention"
+
+#: Preference order of ``backend=None`` per device type: compiled kernels first.
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+def backend_reason(backend: str, device_type: str) -> str:
+    """Why ``backend`` cannot run holistic attention on ``device_type`` tensors ("" if it can)."""
+    if backend == "reference":
+        return ""
+    if backend in ("cpu", "cuda"):
+        if device_type != backend:
+            return f"the {backend} backend runs {backend} tensors only"
+        return _extension.missing_reason("hae_forward", backend.upper())
+    if backend == "triton":
+        return _backends.triton_reason(device_type, _KERNEL_MODULE)
+    return f"{backend!r} is not a backend of holistic_attention"
+
+
+@torch.compiler.assume_constant_result
+def _choose_backend(requested: str | None, device_type: str) -> str:
+    # A constant for torch.compile: availability checks are not traceable and never change mid-graph.
+    return _backends.choose("holistic_attention", requested, device_type, AUTO_ORDER, backend_reason)
+
+
+def _check_inputs(user: Tensor, user_sim: Tensor, item: Tensor, item_sim: Tensor, mask: Tensor | None) -> None:
+    named = {"user": user, "user_sim": user_sim, "item": item, "item_sim": item_sim}
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"holistic_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"holistic_attention: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}"
+            )
+    for name, t in named.items():
+        if t.dtype != item.dtype:
+            raise TypeError(f"holistic_attention: mixed dtypes: {name} is {t.dtype} but item is {item.dtype}")
+        if t.device != item.device:
+            raise ValueError(
+                f"holistic_attention: mixed devices: {name} is on {t.device} but item is on {item.device}"
+            )
+    if item.dim() != 3:
+        raise ValueError(f"holistic_attention: item must be [B, L, d], got shape {tuple(item.shape)}")
+    B, L, d = item.shape
+    if d == 0:
+        raise ValueError("holistic_attention: the feature size d (last dim of item) must be >= 1, got 0")
+    if item_sim.shape != item.shape:
+        raise ValueError(
+            f"holistic_attention: item_sim must have item's shape {tuple(item.shape)}, got {tuple(item_sim.shape)}"
+        )
+    if user.shape not in ((B, d), (B, L, d)):
+        raise ValueError(
+            f"holistic_attention: user must be [B, d] = {(B, d)} or [B, L, d] = {(B, L, d)} "
+            f"to match item {tuple(item.shape)}, got {tuple(user.shape)}"
+        )
+    if user_sim.shape != user.shape:
+        raise ValueError(
+            f"holistic_attention: user_sim must have user's shape {tuple(user.shape)}, got {tuple(user_sim.shape)}"
+        )
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"holistic_attention: mask must be a bool tensor or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"holistic_attention: mask must have dtype torch.bool, got {mask.dtype}")
+        if mask.shape != (B, L):
+            raise ValueError(f"holistic_attention: mask must be [B, L] = {(B, L)}, got {tuple(mask.shape)}")
+        if mask.device != item.device:
+            raise ValueError(f"holistic_attention: mask is on {mask.device} but item is on {item.device}")
+
+
+def holistic_attention(
+    user: Tensor,
+    user_sim: Tensor,
+    item: Tensor,
+    item_sim: Tensor,
+    *,
+    mask: Tensor | None = None,
+    activation: str = "sigmoid",
+    backend: str | None = None,
+) -> Tensor:
+    """Holistic attention over the self, similar and global branches (DESIGN.md section 2).
+
+    For each batch row b and position l, with ``u = user[b]`` (or ``user[b, l]``), ``i = item[b, l]``
+    and likewise for the ``*_sim`` inputs, ``s1 = <u, i>``, ``s2 = <u_sim, i_sim>`` and::
+
+        a_self = act(s1 / sqrt(d)); a_sim = act(s2 / sqrt(d)); a_glob = act((s1 + s2) / sqrt(2d))
+        out[b, l] = [a_self * i | a_sim * i_sim | a_glob * i | a_glob * i_sim]      # width 4d
+
+    Args:
+        user, user_sim: ``[B, d]`` (broadcast over L) or ``[B, L, d]`` (a query per position).
+        item, item_sim: ``[B, L, d]``.
+        mask: optional bool ``[B, L]``; True marks a real position. Masked positions give zero
+            output and zero gradient; a fully masked row gives zeros.
+        activation: ``"sigmoid"`` (the paper: independent gates) or ``"softmax"`` (the ablation:
+            gates normalised over the L positions of each row, per branch).
+        backend: ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``; None picks the fastest
+            available for the tensors' device (``GRASP_BACKEND`` overrides that choice).
+
+    All inputs share one dtype (float32, float16, bfloat16 or float64) and device; accumulation is
+    in float32 (float64 for float64) and the output has the input dtype. Non-contiguous inputs
+    are accepted. Gradients flow to all four inputs (a broadcast ``user`` gets the sum over L).
+
+    Returns:
+        ``[B, L, 4d]`` tensor.
+
+    Example:
+        >>> import torch, grasp
+        >>> u, us = torch.randn(2, 8), torch.randn(2, 8)
+        >>> i, is_ = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+        >>> grasp.ops.holistic_attention(u, us, i, is_).shape
+        torch.Size([2, 5, 32])
+    """
+    _check_inputs(user, user_sim, item, item_sim, mask)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"holistic_attention: activation must be 'sigmoid' or 'softmax', got {activation!r}")
+    name = _choose_backend(backend, item.device.type)
+    if name == "reference" or item.numel() == 0:
+        return holistic_attention_reference(user, user_sim, item, item_sim, mask, activation)
+    if name == "triton" and item.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"holistic_attention: the triton backend supports float32/16 and bfloat16, not {item.dtype}")
+    args = (user.contiguous(), user_sim.contiguous(), item.contiguous(), item_sim.contiguous())
+    mask = None if mask is None else mask.contiguous()
+    softmax = activation == "softmax"
+    if name == "triton":
+        import grasp_kernels.holistic_attention  # noqa: F401  (registers grasp::hae_forward_triton)
+
+        return torch.ops.grasp.hae_forward_triton(*args, mask, softmax)
+    return torch.ops.grasp.hae_forward(*args, mask, softmax)
+
+
+# ---- autograd and fake kernels of the C++ operators (registered only when grasp._C is loaded) ----
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    user, user_sim, item, item_sim, mask, softmax = inputs
+    ctx.save_for_backward(user, user_sim, item, item_sim, mask)
+    ctx.softmax = softmax
+
+
+def _backward(ctx, grad_out: Tensor):
+    user, user_sim, item, item_sim, mask = ctx.saved_tensors
+    grads = torch.ops.grasp.hae_backward(
+        grad_out.contiguous(), user, user_sim, item, item_sim, mask, ctx.softmax
+    )
+    return (*grads, None, None)
+
+
+if _extension.LOADED:
+
+    @torch.library.register_fake("grasp::hae_forward")
+    def _hae_forward_fake(user, user_sim, item, item_sim, mask, softmax):
+        B, L, d = item.shape
+        return item.new_empty((B, L, 4 * d))
+
+    @torch.library.register_fake("grasp::hae_backward")
+    def _hae_backward_fake(grad_out, user, user_sim, item, item_sim, mask, softmax):
+        return (torch.empty_like(user), torch.empty_like(user_sim), torch.empty_like(item), torch.empty_like(item_sim))
+
+    torch.library.register_autograd("grasp::hae_forward", _backward, setup_context=_setup_context)
