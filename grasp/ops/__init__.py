@@ -1,5 +1,5 @@
 """Fused operators of grasp, each a torch custom op with reference, cpu, cuda and triton backends."""
 
-from grasp.ops.holistic_attention import holistic_attention, holistic_attention_reference
+from grasp.ops.hae import holistic_attention, holistic_attention_reference
 
 __all__ = ["holistic_attention", "holistic_attention_reference"]

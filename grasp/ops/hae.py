@@ -1,4 +1,4 @@
-"""``grasp.ops.holistic_attention``: holistic sigmoid attention (DESIGN.md section 2).
+"""Holistic sigmoid attention, ``grasp.ops.holistic_attention`` (DESIGN.md section 2).
 
 Public entry point, input validation, backend dispatch, and the autograd and
 fake (meta) registrations of the C++ operators ``grasp::hae_forward`` /

@@ -1,0 +1,71 @@
+"""What ``grasp info`` reports: versions, devices, and which backend of each op can run here."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+
+import torch
+
+from grasp import _extension
+from grasp.ops import hae as _hae
+
+# op name -> (function telling why a backend cannot run on a device type, backends it has)
+OPS = {"holistic_attention": (_hae.backend_reason, ("reference", "cpu", "cuda", "triton"))}
+PACKAGES = ("torch", "triton", "numpy", "faiss-cpu", "faiss-gpu", "openai", "cupy-cuda13x", "cupy-cuda12x")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def device_types() -> list[str]:
+    """Device types present on this machine: always "cpu", plus "cuda" when a GPU is visible."""
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def backend_table() -> list[tuple[str, str, str, str]]:
+    """Rows (op, backend, device type, status) where status is "available" or the reason it is not."""
+    rows = []
+    for op, (reason, backends) in OPS.items():
+        for device_type in ("cpu", "cuda"):
+            for backend in backends:
+                why = reason(backend, device_type)
+                if device_type == "cuda" and "cuda" not in device_types() and not why:
+                    why = "no CUDA device is visible"
+                if why.startswith(f"the {backend} backend runs"):
+                    continue  # cpu on cuda tensors and vice versa: not a combination worth listing
+                rows.append((op, backend, device_type, why or "available"))
+    return rows
+
+
+def report() -> str:
+    """The text printed by ``grasp info``."""
+    lines = ["grasp " + (_version("grasp") or "(not installed)"), ""]
+    lines.append(f"python      {platform.python_version()} ({platform.machine()}, {platform.system()})")
+    for dist in PACKAGES:
+        version = _version(dist)
+        if version is not None:
+            lines.append(f"{dist:<11} {version}")
+    lines.append(f"torch CUDA  {torch.version.cuda or 'none (CPU-only build)'}")
+    lines.append(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}  GRASP_BACKEND="
+                 f"{os.environ.get('GRASP_BACKEND', '')!r}")
+    lines += ["", "devices:", f"  cpu: {os.cpu_count()} cores, torch uses {torch.get_num_threads()} threads"]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(f"  cuda:{i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB")
+    else:
+        lines.append("  cuda: none visible")
+    if _extension.LOADED:
+        kernels = [k for k in ("CPU", "CUDA") if _extension.has_kernel("hae_forward", k)]
+        lines.append(f"\nextension grasp._C: loaded, kernels for {', '.join(kernels)}")
+    else:
+        lines.append(f"\nextension grasp._C: not loaded ({_extension.LOAD_ERROR})")
+    lines += ["", "| op | backend | device | status |", "|---|---|---|---|"]
+    lines += [f"| {op} | {backend} | {dev} | {status} |" for op, backend, dev, status in backend_table()]
+    return "\n".join(lines)

@@ -1,0 +1,5 @@
+"""Modules built on the grasp operators."""
+
+from grasp.nn.holistic_attention import Adapter, HolisticAttention
+
+__all__ = ["Adapter", "HolisticAttention"]

@@ -1,0 +1,35 @@
+"""Shared test configuration.
+
+Without a GPU, Triton kernels run on CPU tensors through the Triton interpreter,
+which must be switched on before triton is first imported; that happens here.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidiactl"):
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import grasp  # noqa: E402,F401  (loads the extension before any test imports ops)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+#: Every run draws fresh inputs; a failure is replayed with GRASP_TEST_SEED=<seed shown in the header>.
+SEED = int(os.environ.get("GRASP_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+
+
+def pytest_report_header(config) -> list[str]:
+    from grasp.info import backend_table
+
+    rows = [f"{op}/{b}/{dev}: {status}" for op, b, dev, status in backend_table() if status == "available"]
+    return [f"grasp test seed: GRASP_TEST_SEED={SEED}", "grasp backends available: " + ", ".join(rows)]
+
+
+@pytest.fixture(autouse=True)
+def _seed(request) -> None:
+    """Seed torch per test from the run's seed and the test's id, so any failure can be replayed."""
+    torch.manual_seed(SEED ^ zlib.crc32(request.node.nodeid.encode()))

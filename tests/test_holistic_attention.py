@@ -1,0 +1,284 @@
+"""grasp.ops.holistic_attention on every backend that can run here, against the plain-PyTorch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICES
+
+import grasp
+from grasp.ops import hae
+from grasp.ops._backends import interpreting
+from grasp.ops._hae_reference import holistic_attention_reference
+
+LOW = (torch.float16, torch.bfloat16)
+ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def backend_dtypes(backend: str, device: str) -> tuple[torch.dtype, ...]:
+    """Dtypes each backend supports on a device (the interpreter has no bfloat16 arithmetic)."""
+    if backend == "triton":
+        return (torch.float32, torch.float16) if device == "cpu" else (torch.float32, torch.float16, torch.bfloat16)
+    return ALL_DTYPES
+
+
+def runnable(device: str) -> list[str]:
+    return [b for b in ("reference", "cpu", "cuda", "triton") if not hae.backend_reason(b, device)]
+
+
+BACKEND_CASES = [(dev, b) for dev in DEVICES for b in runnable(dev)]
+KERNEL_CASES = [(dev, b) for dev, b in BACKEND_CASES if b != "reference"]
+# (B, L, d): single row/position, odd lengths and widths, and the wide d's of real models.
+SHAPES = [(1, 1, 1), (1, 37, 17), (3, 37, 17), (2, 5, 128), (2, 3, 256), (4, 1, 64)]
+MASKS = ["none", "random", "full_row"]
+
+
+def make_inputs(B, L, d, *, per_position, mask_kind, dtype, device, requires_grad=True):
+    user_shape = (B, L, d) if per_position else (B, d)
+    tensors = [
+        torch.randn(shape, dtype=dtype, device=device, requires_grad=requires_grad)
+        for shape in (user_shape, user_shape, (B, L, d), (B, L, d))
+    ]
+    mask = None
+    if mask_kind != "none":
+        mask = torch.rand(B, L, device=device) > 0.3
+        if mask_kind == "full_row":
+            mask[-1] = False
+    return tensors, mask
+
+
+def run_with_grads(fn, tensors, grad_out):
+    out = fn(*tensors)
+    grads = torch.autograd.grad(out, tensors, grad_out)
+    return out.detach(), grads
+
+
+def check_flash_style(actual, lowp, truth, what: str) -> None:
+    """Kernel error vs the float64 truth is at most 2x the same-dtype torch error, plus a rounding floor."""
+    truth = truth.double()
+    err = (actual.double() - truth).abs().max().item()
+    base = (lowp.double() - truth).abs().max().item()
+    floor = 4 * torch.finfo(actual.dtype).eps * max(1.0, truth.abs().max().item())
+    assert err <= 2 * base + floor, f"{what}: error {err:.3g} > 2 x same-dtype torch error {base:.3g} + {floor:.3g}"
+
+
+def assert_matches_reference(backend, device, dtype, B, L, d, per_position, mask_kind, activation):
+    tensors, mask = make_inputs(B, L, d, per_position=per_position, mask_kind=mask_kind, dtype=dtype, device=device)
+    grad_out = torch.randn(B, L, 4 * d, dtype=dtype, device=device)
+    out, grads = run_with_grads(
+        lambda *t: grasp.ops.holistic_attention(*t, mask=mask, activation=activation, backend=backend),
+        tensors,
+        grad_out,
+    )
+    assert out.dtype == dtype and out.shape == (B, L, 4 * d)
+    assert [g.shape for g in grads] == [t.shape for t in tensors]
+    truth_in = [t.detach().double().requires_grad_() for t in tensors]
+    truth, truth_grads = run_with_grads(
+        lambda *t: holistic_attention_reference(*t, mask, activation), truth_in, grad_out.double()
+    )
+    lowp, lowp_grads = run_with_grads(
+        lambda *t: holistic_attention_reference(*t, mask, activation, upcast=False), tensors, grad_out
+    )
+    check_flash_style(out, lowp, truth, "output")
+    for name, g, gl, gt in zip(("user", "user_sim", "item", "item_sim"), grads, lowp_grads, truth_grads):
+        check_flash_style(g, gl, gt, f"grad {name}")
+    if mask is not None:
+        dead = ~mask
+        assert not out[dead].any(), "masked positions must give zero output"
+        assert not grads[2][dead].any() and not grads[3][dead].any(), "masked positions must get zero gradient"
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("per_position", [False, True], ids=["user_bd", "user_bld"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference_fp32(device, backend, shape, per_position, mask_kind, activation):
+    assert_matches_reference(backend, device, torch.float32, *shape, per_position, mask_kind, activation)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("per_position", [False, True], ids=["user_bd", "user_bld"])
+def test_matches_reference_every_dtype(device, backend, dtype, per_position, activation):
+    if dtype not in backend_dtypes(backend, device):
+        pytest.skip(f"{backend} on {device} does not support {dtype}")
+    assert_matches_reference(backend, device, dtype, 3, 37, 17, per_position, "full_row", activation)
+    assert_matches_reference(backend, device, dtype, 2, 9, 64, per_position, "random", activation)
+
+
+@pytest.mark.parametrize("device,backend", [(dev, b) for dev, b in BACKEND_CASES if b != "triton"])
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("per_position", [False, True], ids=["user_bd", "user_bld"])
+def test_gradcheck_float64(device, backend, per_position, activation):
+    tensors, mask = make_inputs(
+        2, 6, 5, per_position=per_position, mask_kind="full_row", dtype=torch.float64, device=device
+    )
+    mask[0, :2] = True  # at least one real position in the first row
+    fn = lambda *t: grasp.ops.holistic_attention(*t, mask=mask, activation=activation, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, tensors)
+
+
+def _op_for(backend: str):
+    if backend == "triton":
+        import grasp_kernels.holistic_attention  # noqa: F401
+
+        return torch.ops.grasp.hae_forward_triton.default
+    return torch.ops.grasp.hae_forward.default
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("per_position", [False, True], ids=["user_bd", "user_bld"])
+@pytest.mark.parametrize("mask_kind", ["none", "full_row"])
+def test_opcheck(device, backend, per_position, activation, mask_kind):
+    tensors, mask = make_inputs(3, 7, 17, per_position=per_position, mask_kind=mask_kind, dtype=torch.float32,
+                                device=device)
+    torch.library.opcheck(_op_for(backend), (*tensors, mask, activation == "softmax"))
+
+
+class TinyModel(torch.nn.Module):
+    """A module that calls the op between ordinary layers, as a model would."""
+
+    def __init__(self, d: int, backend: str) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(d, d)
+        self.out = torch.nn.Linear(4 * d, 1)
+        self.backend = backend
+
+    def forward(self, user, user_sim, item, item_sim, mask):
+        h = grasp.ops.holistic_attention(
+            self.proj(user), user_sim, self.proj(item), item_sim, mask=mask, backend=self.backend
+        )
+        return self.out(h).squeeze(-1)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_torch_compile_fullgraph(device, backend):
+    d = 16
+    model = TinyModel(d, backend).to(device)
+    (u, us, i, is_), mask = make_inputs(2, 9, d, per_position=False, mask_kind="random", dtype=torch.float32,
+                                        device=device, requires_grad=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    eager_out = model(u, us, i, is_, mask)
+    eager_grads = torch.autograd.grad(eager_out.sum(), model.parameters())
+    out = compiled(u, us, i, is_, mask)
+    grads = torch.autograd.grad(out.sum(), model.parameters())
+    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
+    for g, ge in zip(grads, eager_grads):
+        torch.testing.assert_close(g, ge, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_non_contiguous_views(device, backend):
+    B, L, d = 3, 11, 17
+    base_items = torch.randn(B, d, L, 2, device=device)
+    item, item_sim = base_items[..., 0].transpose(1, 2), base_items[..., 1].transpose(1, 2)  # strided views
+    user = torch.randn(d, B, device=device).t()
+    user_sim = torch.randn(B, 2 * d, device=device)[:, ::2]
+    mask = (torch.rand(L, B, device=device) > 0.3).t()
+    assert not any(t.is_contiguous() for t in (item, item_sim, user, user_sim, mask))
+    out = grasp.ops.holistic_attention(user, user_sim, item, item_sim, mask=mask, backend=backend)
+    expected = holistic_attention_reference(
+        user.contiguous(), user_sim.contiguous(), item.contiguous(), item_sim.contiguous(), mask.contiguous()
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_empty_batch(device, backend):
+    (u, us, i, is_), _ = make_inputs(0, 4, 8, per_position=False, mask_kind="none", dtype=torch.float32,
+                                     device=device)
+    out = grasp.ops.holistic_attention(u, us, i, is_, backend=backend)
+    assert out.shape == (0, 4, 32)
+
+
+def test_default_backend_is_the_compiled_kernel_on_cpu(monkeypatch):
+    monkeypatch.delenv("GRASP_BACKEND", raising=False)
+    expected = "cpu" if not hae.backend_reason("cpu", "cpu") else "reference"
+    assert hae._choose_backend(None, "cpu") == expected
+
+
+def test_grasp_backend_env_forces_and_explains(monkeypatch):
+    monkeypatch.setenv("GRASP_BACKEND", "reference")
+    assert hae._choose_backend(None, "cpu") == "reference"
+    monkeypatch.setenv("GRASP_BACKEND", "cuda")
+    assert hae._choose_backend("reference", "cpu") == "reference"  # an explicit argument wins
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available for cpu tensors"):
+        hae._choose_backend(None, "cpu")
+    monkeypatch.setenv("GRASP_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="unknown GRASP_BACKEND 'tpu'"):
+        hae._choose_backend(None, "cpu")
+
+
+def test_missing_extension_is_named(monkeypatch):
+    from grasp import _extension
+
+    monkeypatch.setattr(_extension, "LOAD_ERROR", "ImportError: no _C")
+    monkeypatch.setattr(_extension, "LOADED", False)
+    assert "grasp._C is not available" in hae.backend_reason("cpu", "cpu")
+    assert "no _C" in hae.backend_reason("cuda", "cuda")
+
+
+# ---- bad input: a clear error naming the argument, never a crash inside a kernel ----
+
+def _good(B=2, L=3, d=4, dtype=torch.float32):
+    return [torch.randn(B, d, dtype=dtype), torch.randn(B, d, dtype=dtype),
+            torch.randn(B, L, d, dtype=dtype), torch.randn(B, L, d, dtype=dtype)]
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,pattern",
+    [
+        (lambda a, kw: a.__setitem__(2, torch.randn(2, 3, 5)), ValueError, r"item_sim must have item's shape"),
+        (lambda a, kw: a.__setitem__(0, torch.randn(2, 5)), ValueError, r"user must be \[B, d\]"),
+        (lambda a, kw: a.__setitem__(1, torch.randn(2, 3, 4)), ValueError, r"user_sim must have user's shape"),
+        (lambda a, kw: a.__setitem__(3, torch.randn(2, 3, 4, dtype=torch.float64)), TypeError,
+         r"mixed dtypes: item_sim is torch.float64"),
+        (lambda a, kw: a.__setitem__(0, torch.ones(2, 4, dtype=torch.int64)), TypeError,
+         r"user must be float32, float16, bfloat16 or float64, got torch.int64"),
+        (lambda a, kw: a.__setitem__(2, torch.randn(2, 4)), ValueError, r"item must be \[B, L, d\]"),
+        (lambda a, kw: kw.__setitem__("mask", torch.ones(2, 4, dtype=torch.bool)), ValueError,
+         r"mask must be \[B, L\] = \(2, 3\), got \(2, 4\)"),
+        (lambda a, kw: kw.__setitem__("mask", torch.ones(2, 3)), TypeError, r"mask must have dtype torch.bool"),
+        (lambda a, kw: kw.__setitem__("activation", "relu"), ValueError, r"activation must be 'sigmoid' or 'softmax'"),
+        (lambda a, kw: kw.__setitem__("backend", "tpu"), ValueError, r"unknown backend 'tpu'"),
+        (lambda a, kw: a.__setitem__(0, [1.0, 2.0]), TypeError, r"user must be a torch.Tensor, got list"),
+    ],
+    ids=["item_shape", "user_shape", "user_sim_shape", "mixed_dtype", "int_tensor", "item_rank", "mask_shape",
+         "mask_dtype", "activation", "backend", "not_tensor"],
+)
+def test_bad_input_is_named(mutate, exc, pattern):
+    args, kwargs = _good(), {}
+    mutate(args, kwargs)
+    with pytest.raises(exc, match=pattern):
+        grasp.ops.holistic_attention(*args, **kwargs)
+
+
+def test_zero_width_is_rejected():
+    with pytest.raises(ValueError, match=r"feature size d .* must be >= 1, got 0"):
+        grasp.ops.holistic_attention(*_good(d=0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mixed_devices_are_rejected():
+    args = _good()
+    args[3] = args[3].cuda()
+    with pytest.raises(ValueError, match=r"mixed devices: item_sim is on cuda"):
+        grasp.ops.holistic_attention(*args)
+
+
+def test_fp64_on_triton_is_a_clear_error():
+    if hae.backend_reason("triton", "cpu"):
+        pytest.skip("triton is not runnable here")
+    with pytest.raises(TypeError, match="triton backend supports"):
+        grasp.ops.holistic_attention(*_good(dtype=torch.float64), backend="triton")
+
+
+def test_interpreter_flag_is_on_without_a_gpu():
+    # Guards the conftest switch: without it the triton cases above would silently not exist.
+    if not torch.cuda.is_available():
+        assert interpreting()
