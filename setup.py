@@ -77,7 +77,8 @@ def _extensions() -> tuple[list, dict]:
         raise SystemExit("GRASP_FORCE_CUDA=1, but nvcc was not found: set CUDA_HOME to a CUDA toolkit.")
     with_cuda = torch_has_cuda and nvcc
 
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DPy_LIMITED_API=0x030A0000"]
+    # The C++ standard is left to torch (C++17 up to torch 2.12, C++20 after).
+    cxx_flags = ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x030A0000"]
     link_flags = ["-fopenmp"]
     kwargs = dict(
         sources=sources["cpu"],
@@ -87,7 +88,7 @@ def _extensions() -> tuple[list, dict]:
     )
     if with_cuda:
         kwargs["sources"] = sources["cpu"] + sources["cuda"]
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         ext = CUDAExtension("grasp._C", **kwargs)
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "the visible GPU's arch (TORCH_CUDA_ARCH_LIST unset)")
         _say(f"building grasp._C with the C++ CPU kernels and the CUDA kernels for {arch}")
