@@ -1,0 +1,748 @@
+// CUDA kernels of the holistic-attention operator (DESIGN.md section 2).
+//
+// For every position p = (b, l), with s1 = <u, i>, s2 = <ū, ī>:
+//   z = (s1 / sqrt(d), s2 / sqrt(d), (s1 + s2) / sqrt(2d)),  a = act(z),
+//   out[p] = [a_self*i | a_sim*ī | a_glob*i | a_glob*ī].
+// The backward recomputes s1, s2 and the gates from the inputs.
+//
+// Work decomposition
+//   A "team" of T lanes owns one position at a time (T = the next power of two
+//   >= d / VEC, at most 32), so 32 / T teams share a warp and small d does not
+//   leave most of a warp idle. Lane r of a team covers the VEC-wide chunks
+//   r, r + T, r + 2T, ... of the d features. Team dot products are summed with
+//   __shfl_xor_sync butterflies over lane offsets < T, which stay inside the
+//   team (teams are aligned power-of-two lane groups); every lane of the warp
+//   takes part in every shuffle, lanes without a position contributing zeros.
+//   VEC = 16 / sizeof(scalar) (one 16-byte access per chunk) when d is a
+//   multiple of it and every tensor pointer is 16-byte aligned, otherwise 1.
+//
+//   sigmoid: positions are independent; the grid's teams stride over all B*L.
+//   softmax: one block per row b. A first pass builds per-branch online-softmax
+//            statistics (running max m, S = sum exp(z - m) and, for the
+//            backward, T = sum exp(z - m) * da) over the row's real positions;
+//            they are merged across the teams of a warp by shuffles and across
+//            warps in a fixed order through shared memory. The second pass
+//            recomputes z and writes: a = exp(z - m) / S, and in the backward
+//            dz = a * (da - T / S). A fully masked row has S = 0: all gates 0.
+//   A [B, d] user gets grad_user[b] = sum_l ds1[b, l] * item[b, l] (likewise
+//   user_sim): the gate kernel stores the per-position scalars ds1, ds2 in a
+//   [B, L, 2] accumulator-type scratch and a second kernel reduces over l in a
+//   fixed order. No atomics anywhere, so results are deterministic.
+//
+// Masked positions write exact zeros (output, gradients, ds) without reading
+// their values. Accumulation is in at::opmath_type (float, double for double).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <utility>
+
+namespace grasp {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t sigmoid(acc_t z) {
+  return acc_t(1) / (acc_t(1) + exp_acc(-z));
+}
+
+// ---------------------------------------------------------------------------
+// Vector memory access: VEC consecutive elements in one aligned access.
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <int VEC, typename T, typename acc_t>
+__device__ __forceinline__ void load(const T* p, acc_t (&x)[VEC]) {
+  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) x[k] = static_cast<acc_t>(pk.v[k]);
+}
+
+template <int VEC, typename T, typename acc_t>
+__device__ __forceinline__ void store(T* p, const acc_t (&x)[VEC]) {
+  Pack<T, VEC> pk;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) pk.v[k] = static_cast<T>(x[k]);
+  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+}
+
+// ---------------------------------------------------------------------------
+// Teams and the positions they visit.
+
+// Sum over the `team` lanes of each aligned lane group; every lane of the group
+// gets the same bits (each butterfly step adds the same two values on both
+// partner lanes). Must be called by all 32 lanes of the warp.
+template <typename acc_t>
+__device__ __forceinline__ acc_t team_sum(acc_t v, int team) {
+  for (int off = team >> 1; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+
+// Where this thread's team starts and how it strides over positions. Visiting
+// positions `base + slot` for base = first, first + step, ... < end keeps the
+// loop trip count uniform across a warp, so every lane reaches every shuffle.
+struct Schedule {
+  int64_t first, step, end;
+  int slot;  // index of the team inside the warp
+  int rank;  // index of the lane inside the team
+
+  __device__ Schedule(bool row_per_block, int64_t positions, int64_t L, int team) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int log_team = __ffs(team) - 1;
+    const int per_warp = 32 >> log_team;
+    slot = lane >> log_team;
+    rank = lane & (team - 1);
+    if (row_per_block) {  // block b walks the L positions of row b
+      const int64_t begin = static_cast<int64_t>(blockIdx.x) * L;
+      first = begin + static_cast<int64_t>(warp) * per_warp;
+      step = static_cast<int64_t>(kWarps) * per_warp;
+      end = begin + L;
+    } else {  // the whole grid walks all positions
+      first = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * per_warp;
+      step = static_cast<int64_t>(gridDim.x) * kWarps * per_warp;
+      end = positions;
+    }
+  }
+};
+
+// Row pointers of one position.
+template <typename T>
+struct Rows {
+  const T* u;
+  const T* us;
+  const T* i;
+  const T* is;
+};
+
+template <typename T>
+struct Inputs {
+  const T* user;
+  const T* user_sim;
+  const T* item;
+  const T* item_sim;
+  const uint8_t* mask;  // nullptr: every position is real
+  int64_t L, d;
+  bool user_per_position;  // user is [B, L, d] rather than [B, d]
+
+  __device__ __forceinline__ Rows<T> rows(int64_t p) const {
+    const int64_t q = user_per_position ? p : p / L;
+    return {user + q * d, user_sim + q * d, item + p * d, item_sim + p * d};
+  }
+  __device__ __forceinline__ bool real(int64_t p) const { return mask == nullptr || mask[p] != 0; }
+};
+
+struct Scales {
+  double inv_sqrt_d, inv_sqrt_2d;
+};
+
+template <typename acc_t>
+struct Logits {
+  acc_t z[3];  // self, sim, glob
+};
+
+template <typename acc_t>
+__device__ __forceinline__ Logits<acc_t> logits(acc_t s1, acc_t s2, const Scales& sc) {
+  const acc_t inv_d = static_cast<acc_t>(sc.inv_sqrt_d);
+  const acc_t inv_2d = static_cast<acc_t>(sc.inv_sqrt_2d);
+  return {{s1 * inv_d, s2 * inv_d, (s1 + s2) * inv_2d}};
+}
+
+// ---------------------------------------------------------------------------
+// Online softmax statistics of one branch: running max m, S = sum exp(z - m),
+// T = sum exp(z - m) * da. Empty: m = -inf, S = T = 0.
+
+template <typename acc_t>
+struct Online {
+  acc_t m, s, t;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ Online<acc_t> empty_online() {
+  return {static_cast<acc_t>(-INFINITY), acc_t(0), acc_t(0)};
+}
+
+// Merges two partial statistics (order-independent up to rounding). The block
+// result is taken from lane 0 of each warp and merged in warp order, so every
+// thread ends up with the same bits.
+template <typename acc_t>
+__device__ __forceinline__ Online<acc_t> merge(const Online<acc_t>& a, const Online<acc_t>& b) {
+  const acc_t m = a.m > b.m ? a.m : b.m;
+  if (m == static_cast<acc_t>(-INFINITY)) return a;  // both empty; avoids exp(-inf + inf)
+  const acc_t fa = exp_acc(a.m - m);
+  const acc_t fb = exp_acc(b.m - m);
+  return {m, a.s * fa + b.s * fb, a.t * fa + b.t * fb};
+}
+
+// Merges the three branch statistics over the whole block; every thread gets
+// the row's totals. Lanes of a team hold identical values on entry. Must be
+// called once per kernel by every thread of the block.
+template <typename acc_t>
+__device__ void block_merge(Online<acc_t> (&st)[3], int team) {
+  __shared__ Online<acc_t> partial[kWarps][3];
+  for (int off = team; off < 32; off <<= 1) {
+#pragma unroll
+    for (int x = 0; x < 3; ++x) {
+      const Online<acc_t> other{__shfl_xor_sync(kFullMask, st[x].m, off),
+                                __shfl_xor_sync(kFullMask, st[x].s, off),
+                                __shfl_xor_sync(kFullMask, st[x].t, off)};
+      st[x] = merge(st[x], other);
+    }
+  }
+  if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+    for (int x = 0; x < 3; ++x) partial[threadIdx.x >> 5][x] = st[x];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int x = 0; x < 3; ++x) {
+    st[x] = partial[0][x];
+    for (int w = 1; w < kWarps; ++w) st[x] = merge(st[x], partial[w][x]);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Team dot products of one position (zeros when !active).
+
+template <int VEC, typename T, typename acc_t>
+__device__ __forceinline__ void team_scores(const Rows<T>& r, int64_t cols, int rank, int team,
+                                            bool active, acc_t& s1, acc_t& s2) {
+  acc_t p1 = 0, p2 = 0;
+  if (active) {
+    for (int64_t c = rank; c < cols; c += team) {
+      acc_t u[VEC], i[VEC], us[VEC], is[VEC];
+      load<VEC>(r.u + c * VEC, u);
+      load<VEC>(r.i + c * VEC, i);
+      load<VEC>(r.us + c * VEC, us);
+      load<VEC>(r.is + c * VEC, is);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        p1 += u[k] * i[k];
+        p2 += us[k] * is[k];
+      }
+    }
+  }
+  s1 = team_sum(p1, team);
+  s2 = team_sum(p2, team);
+}
+
+// Scores plus the gate gradients da_self = <g1, i>, da_sim = <g2, ī>,
+// da_glob = <g3, i> + <g4, ī>, where g = g1|g2|g3|g4 is the position's grad_out row.
+template <int VEC, typename T, typename acc_t>
+__device__ __forceinline__ void team_scores_and_da(const Rows<T>& r, const T* g, int64_t d,
+                                                   int64_t cols, int rank, int team, bool active,
+                                                   acc_t& s1, acc_t& s2, acc_t (&da)[3]) {
+  acc_t p1 = 0, p2 = 0, q1 = 0, q2 = 0, q3 = 0;
+  if (active) {
+    for (int64_t c = rank; c < cols; c += team) {
+      const int64_t o = c * VEC;
+      acc_t u[VEC], i[VEC], us[VEC], is[VEC], g1[VEC], g2[VEC], g3[VEC], g4[VEC];
+      load<VEC>(r.u + o, u);
+      load<VEC>(r.i + o, i);
+      load<VEC>(r.us + o, us);
+      load<VEC>(r.is + o, is);
+      load<VEC>(g + o, g1);
+      load<VEC>(g + d + o, g2);
+      load<VEC>(g + 2 * d + o, g3);
+      load<VEC>(g + 3 * d + o, g4);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        p1 += u[k] * i[k];
+        p2 += us[k] * is[k];
+        q1 += g1[k] * i[k];
+        q2 += g2[k] * is[k];
+        q3 += g3[k] * i[k] + g4[k] * is[k];
+      }
+    }
+  }
+  s1 = team_sum(p1, team);
+  s2 = team_sum(p2, team);
+  da[0] = team_sum(q1, team);
+  da[1] = team_sum(q2, team);
+  da[2] = team_sum(q3, team);
+}
+
+// ---------------------------------------------------------------------------
+// Forward: out [B, L, 4d]. SOFTMAX launches one block per row, sigmoid any grid.
+
+template <typename T, typename acc_t, int VEC, bool SOFTMAX>
+__global__ void __launch_bounds__(kThreads)
+    hae_forward_kernel(const Inputs<T> in, T* __restrict__ out, int64_t positions, int team,
+                       Scales sc) {
+  const int64_t d = in.d;
+  const int64_t cols = d / VEC;
+  const Schedule s(SOFTMAX, positions, in.L, team);
+
+  Online<acc_t> st[3];
+  if constexpr (SOFTMAX) {
+#pragma unroll
+    for (int x = 0; x < 3; ++x) st[x] = empty_online<acc_t>();
+    for (int64_t base = s.first; base < s.end; base += s.step) {
+      const int64_t p = base + s.slot;
+      const bool active = p < s.end && in.real(p);
+      acc_t s1, s2;
+      team_scores<VEC>(active ? in.rows(p) : Rows<T>{}, cols, s.rank, team, active, s1, s2);
+      if (active) {
+        const Logits<acc_t> lg = logits(s1, s2, sc);
+#pragma unroll
+        for (int x = 0; x < 3; ++x) st[x] = merge(st[x], Online<acc_t>{lg.z[x], acc_t(1), acc_t(0)});
+      }
+    }
+    block_merge(st, team);
+  }
+
+  for (int64_t base = s.first; base < s.end; base += s.step) {
+    const int64_t p = base + s.slot;
+    const bool valid = p < s.end;
+    const bool active = valid && in.real(p);
+    const Rows<T> r = active ? in.rows(p) : Rows<T>{};
+    acc_t s1, s2;
+    team_scores<VEC>(r, cols, s.rank, team, active, s1, s2);
+    if (!valid) continue;  // after the shuffles: the whole warp took part
+    T* o = out + p * 4 * d;
+    if (!active) {
+      acc_t zero[VEC] = {};
+      for (int64_t c = s.rank; c < cols; c += team) {
+#pragma unroll
+        for (int part = 0; part < 4; ++part) store<VEC>(o + part * d + c * VEC, zero);
+      }
+      continue;
+    }
+    const Logits<acc_t> lg = logits(s1, s2, sc);
+    acc_t a[3];
+#pragma unroll
+    for (int x = 0; x < 3; ++x) {
+      if constexpr (SOFTMAX) {
+        a[x] = exp_acc(lg.z[x] - st[x].m) / st[x].s;  // s >= 1: this row has a real position
+      } else {
+        a[x] = sigmoid(lg.z[x]);
+      }
+    }
+    for (int64_t c = s.rank; c < cols; c += team) {
+      const int64_t e = c * VEC;
+      acc_t i[VEC], is[VEC], y[VEC];
+      load<VEC>(r.i + e, i);
+      load<VEC>(r.is + e, is);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) y[k] = a[0] * i[k];
+      store<VEC>(o + e, y);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) y[k] = a[1] * is[k];
+      store<VEC>(o + d + e, y);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) y[k] = a[2] * i[k];
+      store<VEC>(o + 2 * d + e, y);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) y[k] = a[2] * is[k];
+      store<VEC>(o + 3 * d + e, y);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward, gate part: grad_item, grad_item_sim, and either grad_user /
+// grad_user_sim ([B, L, d] user) or the scratch ds [B, L, 2] ([B, d] user).
+
+template <typename T, typename acc_t>
+struct Grads {
+  T* user;
+  T* user_sim;
+  T* item;
+  T* item_sim;
+  acc_t* ds;  // [positions, 2]; used only when the user is broadcast over L
+};
+
+template <typename T, typename acc_t, int VEC, bool SOFTMAX>
+__global__ void __launch_bounds__(kThreads)
+    hae_backward_kernel(const T* __restrict__ grad_out, const Inputs<T> in, Grads<T, acc_t> gr,
+                        int64_t positions, int team, Scales sc) {
+  const int64_t d = in.d;
+  const int64_t cols = d / VEC;
+  const Schedule s(SOFTMAX, positions, in.L, team);
+
+  Online<acc_t> st[3];
+  if constexpr (SOFTMAX) {
+#pragma unroll
+    for (int x = 0; x < 3; ++x) st[x] = empty_online<acc_t>();
+    for (int64_t base = s.first; base < s.end; base += s.step) {
+      const int64_t p = base + s.slot;
+      const bool active = p < s.end && in.real(p);
+      acc_t s1, s2, da[3];
+      team_scores_and_da<VEC>(active ? in.rows(p) : Rows<T>{},
+                              active ? grad_out + p * 4 * d : nullptr, d, cols, s.rank, team,
+                              active, s1, s2, da);
+      if (active) {
+        const Logits<acc_t> lg = logits(s1, s2, sc);
+#pragma unroll
+        for (int x = 0; x < 3; ++x) st[x] = merge(st[x], Online<acc_t>{lg.z[x], acc_t(1), da[x]});
+      }
+    }
+    block_merge(st, team);
+  }
+
+  const acc_t inv_d = static_cast<acc_t>(sc.inv_sqrt_d);
+  const acc_t inv_2d = static_cast<acc_t>(sc.inv_sqrt_2d);
+  for (int64_t base = s.first; base < s.end; base += s.step) {
+    const int64_t p = base + s.slot;
+    const bool valid = p < s.end;
+    const bool active = valid && in.real(p);
+    const Rows<T> r = active ? in.rows(p) : Rows<T>{};
+    const T* g = active ? grad_out + p * 4 * d : nullptr;
+    acc_t s1, s2, da[3];
+    team_scores_and_da<VEC>(r, g, d, cols, s.rank, team, active, s1, s2, da);
+    if (!valid) continue;  // after the shuffles: the whole warp took part
+
+    T* gi = gr.item + p * d;
+    T* gis = gr.item_sim + p * d;
+    T* gu = in.user_per_position ? gr.user + p * d : nullptr;
+    T* gus = in.user_per_position ? gr.user_sim + p * d : nullptr;
+    if (!active) {
+      acc_t zero[VEC] = {};
+      for (int64_t c = s.rank; c < cols; c += team) {
+        store<VEC>(gi + c * VEC, zero);
+        store<VEC>(gis + c * VEC, zero);
+        if (in.user_per_position) {
+          store<VEC>(gu + c * VEC, zero);
+          store<VEC>(gus + c * VEC, zero);
+        }
+      }
+      if (!in.user_per_position && s.rank == 0) {
+        gr.ds[2 * p] = acc_t(0);
+        gr.ds[2 * p + 1] = acc_t(0);
+      }
+      continue;
+    }
+
+    const Logits<acc_t> lg = logits(s1, s2, sc);
+    acc_t a[3], dz[3];
+#pragma unroll
+    for (int x = 0; x < 3; ++x) {
+      if constexpr (SOFTMAX) {
+        a[x] = exp_acc(lg.z[x] - st[x].m) / st[x].s;  // s >= 1: this row has a real position
+        dz[x] = a[x] * (da[x] - st[x].t / st[x].s);
+      } else {
+        a[x] = sigmoid(lg.z[x]);
+        dz[x] = da[x] * a[x] * (acc_t(1) - a[x]);
+      }
+    }
+    const acc_t ds1 = dz[0] * inv_d + dz[2] * inv_2d;
+    const acc_t ds2 = dz[1] * inv_d + dz[2] * inv_2d;
+
+    for (int64_t c = s.rank; c < cols; c += team) {
+      const int64_t e = c * VEC;
+      acc_t u[VEC], us[VEC], g1[VEC], g2[VEC], g3[VEC], g4[VEC], y[VEC];
+      load<VEC>(r.u + e, u);
+      load<VEC>(r.us + e, us);
+      load<VEC>(g + e, g1);
+      load<VEC>(g + d + e, g2);
+      load<VEC>(g + 2 * d + e, g3);
+      load<VEC>(g + 3 * d + e, g4);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) y[k] = a[0] * g1[k] + a[2] * g3[k] + ds1 * u[k];
+      store<VEC>(gi + e, y);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) y[k] = a[1] * g2[k] + a[2] * g4[k] + ds2 * us[k];
+      store<VEC>(gis + e, y);
+      if (in.user_per_position) {
+        acc_t i[VEC], is[VEC];
+        load<VEC>(r.i + e, i);
+        load<VEC>(r.is + e, is);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) y[k] = ds1 * i[k];
+        store<VEC>(gu + e, y);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) y[k] = ds2 * is[k];
+        store<VEC>(gus + e, y);
+      }
+    }
+    if (!in.user_per_position && s.rank == 0) {
+      gr.ds[2 * p] = ds1;
+      gr.ds[2 * p + 1] = ds2;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward, broadcast user: grad_user[b, j] = sum_l ds1[b, l] * item[b, l, j]
+// (and ds2 / item_sim for user_sim). Block (b, column tile of 32): warp w sums
+// the rows l = w, w + kWarps, ... for its 32 columns (coalesced), then warp 0
+// adds the kWarps partials in order.
+
+template <typename T, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    hae_user_grad_kernel(const acc_t* __restrict__ ds, const T* __restrict__ item,
+                         const T* __restrict__ item_sim, T* __restrict__ grad_user,
+                         T* __restrict__ grad_user_sim, int64_t L, int64_t d) {
+  __shared__ acc_t partial[2][kWarps][32];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t b = blockIdx.x;
+  for (int64_t c0 = static_cast<int64_t>(blockIdx.y) * 32; c0 < d;
+       c0 += static_cast<int64_t>(gridDim.y) * 32) {
+    const int64_t j = c0 + lane;
+    acc_t su = 0, sus = 0;
+    if (j < d) {
+      for (int64_t l = warp; l < L; l += kWarps) {
+        const int64_t p = b * L + l;
+        const acc_t w1 = ds[2 * p];
+        const acc_t w2 = ds[2 * p + 1];
+        if (w1 != acc_t(0)) su += w1 * static_cast<acc_t>(item[p * d + j]);
+        if (w2 != acc_t(0)) sus += w2 * static_cast<acc_t>(item_sim[p * d + j]);
+      }
+    }
+    partial[0][warp][lane] = su;
+    partial[1][warp][lane] = sus;
+    __syncthreads();
+    if (warp == 0 && j < d) {
+      for (int w = 1; w < kWarps; ++w) {
+        su += partial[0][w][lane];
+        sus += partial[1][w][lane];
+      }
+      grad_user[b * d + j] = static_cast<T>(su);
+      grad_user_sim[b * d + j] = static_cast<T>(sus);
+    }
+    __syncthreads();  // partial is reused by the next column tile
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Host side.
+
+void check_inputs(const at::Tensor& user, const at::Tensor& user_sim, const at::Tensor& item,
+                  const at::Tensor& item_sim, const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(item.is_cuda(), "hae (CUDA): item must be a CUDA tensor, got device ",
+              item.device());
+  const auto dtype = item.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              "hae (CUDA): item must be float32, float64, float16 or bfloat16, got ", dtype);
+  const std::array<std::pair<const char*, const at::Tensor*>, 4> named{
+      {{"user", &user}, {"user_sim", &user_sim}, {"item", &item}, {"item_sim", &item_sim}}};
+  for (const auto& [name, t] : named) {
+    TORCH_CHECK(t->device() == item.device(), "hae (CUDA): ", name, " is on ", t->device(),
+                " but item is on ", item.device());
+    TORCH_CHECK(t->scalar_type() == dtype, "hae (CUDA): ", name, " has dtype ",
+                t->scalar_type(), " but item has dtype ", dtype);
+    TORCH_CHECK(t->is_contiguous(), "hae (CUDA): ", name, " must be contiguous");
+  }
+  TORCH_CHECK(item.dim() == 3, "hae (CUDA): item must be [B, L, d], got shape ", item.sizes());
+  TORCH_CHECK(item_sim.sizes() == item.sizes(), "hae (CUDA): item_sim has shape ",
+              item_sim.sizes(), " but item has shape ", item.sizes());
+  const int64_t B = item.size(0), d = item.size(2);
+  TORCH_CHECK(user.dim() == 2 || user.dim() == 3,
+              "hae (CUDA): user must be [B, d] or [B, L, d], got shape ", user.sizes());
+  if (user.dim() == 2) {
+    TORCH_CHECK(user.size(0) == B && user.size(1) == d, "hae (CUDA): user has shape ",
+                user.sizes(), " but item [B, L, d] has shape ", item.sizes());
+  } else {
+    TORCH_CHECK(user.sizes() == item.sizes(), "hae (CUDA): user has shape ", user.sizes(),
+                " but item has shape ", item.sizes());
+  }
+  TORCH_CHECK(user_sim.sizes() == user.sizes(), "hae (CUDA): user_sim has shape ",
+              user_sim.sizes(), " but user has shape ", user.sizes());
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.device() == item.device(), "hae (CUDA): mask is on ", m.device(),
+                " but item is on ", item.device());
+    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kByte,
+                "hae (CUDA): mask must be bool, got ", m.scalar_type());
+    TORCH_CHECK(m.dim() == 2 && m.size(0) == B && m.size(1) == item.size(1),
+                "hae (CUDA): mask has shape ", m.sizes(), " but item [B, L, d] has shape ",
+                item.sizes());
+    TORCH_CHECK(m.is_contiguous(), "hae (CUDA): mask must be contiguous");
+  }
+}
+
+// 16-byte accesses are used when d is a multiple of the vector width and every
+// tensor starts 16-byte aligned; each row then starts aligned too.
+template <typename T>
+bool can_vectorise(int64_t d, std::initializer_list<const void*> ptrs) {
+  if (d % (16 / static_cast<int64_t>(sizeof(T))) != 0) return false;
+  return std::all_of(ptrs.begin(), ptrs.end(),
+                     [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; });
+}
+
+// Lanes per position: the next power of two >= the number of chunks, at most 32.
+int team_size(int64_t cols) {
+  int team = 1;
+  while (team < 32 && team < cols) team <<= 1;
+  return team;
+}
+
+// Blocks for the position-strided (sigmoid) kernels: enough to give every team
+// one position, capped so that large inputs grid-stride instead (the cap is
+// several waves of resident blocks on any current GPU).
+constexpr int64_t kMaxFlatBlocks = 8192;
+
+int64_t flat_blocks(int64_t positions, int team) {
+  const int64_t per_block = static_cast<int64_t>(kWarps) * (32 / team);
+  return std::min((positions + per_block - 1) / per_block, kMaxFlatBlocks);
+}
+
+Scales scales(int64_t d) {
+  return {1.0 / std::sqrt(static_cast<double>(d)), 1.0 / std::sqrt(2.0 * static_cast<double>(d))};
+}
+
+template <typename T>
+Inputs<T> make_inputs(const at::Tensor& user, const at::Tensor& user_sim, const at::Tensor& item,
+                      const at::Tensor& item_sim, const std::optional<at::Tensor>& mask) {
+  return {user.data_ptr<T>(),
+          user_sim.data_ptr<T>(),
+          item.data_ptr<T>(),
+          item_sim.data_ptr<T>(),
+          mask.has_value() ? static_cast<const uint8_t*>(mask->data_ptr()) : nullptr,
+          item.size(1),
+          item.size(2),
+          user.dim() == 3};
+}
+
+template <typename T, typename acc_t, int VEC>
+void launch_forward(const Inputs<T>& in, T* out, int64_t B, bool softmax) {
+  const int64_t positions = B * in.L;
+  const int team = team_size(in.d / VEC);
+  const Scales sc = scales(in.d);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (softmax) {
+    hae_forward_kernel<T, acc_t, VEC, true>
+        <<<static_cast<unsigned>(B), kThreads, 0, stream>>>(in, out, positions, team, sc);
+  } else {
+    hae_forward_kernel<T, acc_t, VEC, false>
+        <<<static_cast<unsigned>(flat_blocks(positions, team)), kThreads, 0, stream>>>(
+            in, out, positions, team, sc);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, typename acc_t, int VEC>
+void launch_backward(const T* grad_out, const Inputs<T>& in, const Grads<T, acc_t>& gr, int64_t B,
+                     bool softmax) {
+  const int64_t positions = B * in.L;
+  const int team = team_size(in.d / VEC);
+  const Scales sc = scales(in.d);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (softmax) {
+    hae_backward_kernel<T, acc_t, VEC, true>
+        <<<static_cast<unsigned>(B), kThreads, 0, stream>>>(grad_out, in, gr, positions, team, sc);
+  } else {
+    hae_backward_kernel<T, acc_t, VEC, false>
+        <<<static_cast<unsigned>(flat_blocks(positions, team)), kThreads, 0, stream>>>(
+            grad_out, in, gr, positions, team, sc);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (!in.user_per_position) {
+    const int64_t tiles = std::min<int64_t>((in.d + 31) / 32, 65535);
+    const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(tiles));
+    hae_user_grad_kernel<T, acc_t><<<grid, kThreads, 0, stream>>>(
+        gr.ds, in.item, in.item_sim, gr.user, gr.user_sim, in.L, in.d);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+at::Tensor hae_forward_cuda(const at::Tensor& user, const at::Tensor& user_sim,
+                            const at::Tensor& item, const at::Tensor& item_sim,
+                            const std::optional<at::Tensor>& mask, bool softmax) {
+  check_inputs(user, user_sim, item, item_sim, mask);
+  const int64_t B = item.size(0), L = item.size(1), d = item.size(2);
+  TORCH_CHECK(B <= std::numeric_limits<int32_t>::max(), "hae (CUDA): batch size ", B,
+              " is too large");
+  const c10::cuda::CUDAGuard guard(item.device());
+  at::Tensor out = at::empty({B, L, 4 * d}, item.options());
+  if (out.numel() == 0) return out;  // B * L == 0 or d == 0: nothing to compute
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, item.scalar_type(), "hae_forward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        constexpr int kVec = 16 / sizeof(scalar_t);
+        const auto in = make_inputs<scalar_t>(user, user_sim, item, item_sim, mask);
+        scalar_t* o = out.data_ptr<scalar_t>();
+        if (can_vectorise<scalar_t>(d, {in.user, in.user_sim, in.item, in.item_sim, o})) {
+          launch_forward<scalar_t, acc_t, kVec>(in, o, B, softmax);
+        } else {
+          launch_forward<scalar_t, acc_t, 1>(in, o, B, softmax);
+        }
+      });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hae_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& user, const at::Tensor& user_sim,
+    const at::Tensor& item, const at::Tensor& item_sim, const std::optional<at::Tensor>& mask,
+    bool softmax) {
+  check_inputs(user, user_sim, item, item_sim, mask);
+  const int64_t B = item.size(0), L = item.size(1), d = item.size(2);
+  TORCH_CHECK(B <= std::numeric_limits<int32_t>::max(), "hae (CUDA): batch size ", B,
+              " is too large");
+  TORCH_CHECK(grad_out.device() == item.device(), "hae (CUDA): grad_out is on ",
+              grad_out.device(), " but item is on ", item.device());
+  TORCH_CHECK(grad_out.scalar_type() == item.scalar_type(), "hae (CUDA): grad_out has dtype ",
+              grad_out.scalar_type(), " but item has dtype ", item.scalar_type());
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == B && grad_out.size(1) == L &&
+                  grad_out.size(2) == 4 * d,
+              "hae (CUDA): grad_out must be [B, L, 4d] = [", B, ", ", L, ", ", 4 * d, "], got ",
+              grad_out.sizes());
+  TORCH_CHECK(grad_out.is_contiguous(), "hae (CUDA): grad_out must be contiguous");
+  const c10::cuda::CUDAGuard guard(item.device());
+  if (B * L == 0 || d == 0) {  // nothing flows; a [B, d] user gets an empty sum
+    return {at::zeros(user.sizes(), user.options()), at::zeros(user_sim.sizes(), user_sim.options()),
+            at::zeros(item.sizes(), item.options()),
+            at::zeros(item_sim.sizes(), item_sim.options())};
+  }
+  at::Tensor grad_user = at::empty(user.sizes(), user.options());
+  at::Tensor grad_user_sim = at::empty(user_sim.sizes(), user_sim.options());
+  at::Tensor grad_item = at::empty(item.sizes(), item.options());
+  at::Tensor grad_item_sim = at::empty(item_sim.sizes(), item_sim.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, item.scalar_type(), "hae_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        constexpr int kVec = 16 / sizeof(scalar_t);
+        const auto in = make_inputs<scalar_t>(user, user_sim, item, item_sim, mask);
+        // Per-position ds1, ds2 for the reduction over l of a broadcast user.
+        at::Tensor ds;
+        if (!in.user_per_position) {
+          ds = at::empty({B * L, 2}, item.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+        }
+        const Grads<scalar_t, acc_t> gr{grad_user.data_ptr<scalar_t>(),
+                                        grad_user_sim.data_ptr<scalar_t>(),
+                                        grad_item.data_ptr<scalar_t>(),
+                                        grad_item_sim.data_ptr<scalar_t>(),
+                                        ds.defined() ? ds.data_ptr<acc_t>() : nullptr};
+        const scalar_t* g = grad_out.data_ptr<scalar_t>();
+        if (can_vectorise<scalar_t>(d, {in.user, in.user_sim, in.item, in.item_sim, g, gr.user,
+                                        gr.user_sim, gr.item, gr.item_sim})) {
+          launch_backward<scalar_t, acc_t, kVec>(g, in, gr, B, softmax);
+        } else {
+          launch_backward<scalar_t, acc_t, 1>(g, in, gr, B, softmax);
+        }
+      });
+  return {grad_user, grad_user_sim, grad_item, grad_item_sim};
+}
+
+}  // namespace
+}  // namespace grasp
+
+TORCH_LIBRARY_IMPL(grasp, CUDA, m) {
+  m.impl("hae_forward", &grasp::hae_forward_cuda);
+  m.impl("hae_backward", &grasp::hae_backward_cuda);
+}
