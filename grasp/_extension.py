@@ -22,9 +22,18 @@ LOADED = LOAD_ERROR is None
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether the extension registered a kernel for ``grasp::op`` under ``dispatch_key`` (CPU, CUDA)."""
-    if not LOADED:
+    if not LOADED or not has_op(op):
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"grasp::{op}", dispatch_key)
+
+
+def has_op(op: str) -> bool:
+    """Whether the schema ``grasp::op`` is registered."""
+    try:
+        torch._C._dispatch_find_schema_or_throw(f"grasp::{op}", "")
+    except RuntimeError:
+        return False
+    return True
 
 
 def missing_reason(op: str, dispatch_key: str) -> str:
@@ -36,6 +45,8 @@ def missing_reason(op: str, dispatch_key: str) -> str:
         )
     if has_kernel(op, dispatch_key):
         return ""
+    if not has_op(op):
+        return f"grasp._C has no operator grasp::{op}: it was built from older sources; rebuild it"
     if dispatch_key == "CUDA":
         return (
             "grasp._C was built without its CUDA kernels (CPU-only torch or no nvcc at build time); "

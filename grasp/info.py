@@ -10,9 +10,13 @@ import torch
 
 from grasp import _extension
 from grasp.ops import hae as _hae
+from grasp.ops import knn as _knn
 
 # op name -> (function telling why a backend cannot run on a device type, backends it has)
-OPS = {"holistic_attention": (_hae.backend_reason, ("reference", "cpu", "cuda", "triton"))}
+OPS = {
+    "holistic_attention": (_hae.backend_reason, ("reference", "cpu", "cuda", "triton")),
+    "topk_neighbor_mean": (_knn.backend_reason, ("reference", "cpu", "cuda", "triton", "faiss")),
+}
 PACKAGES = ("torch", "triton", "numpy", "faiss-cpu", "faiss-gpu", "openai", "cupy-cuda13x", "cupy-cuda12x")
 
 
@@ -62,7 +66,7 @@ def report() -> str:
     else:
         lines.append("  cuda: none visible")
     if _extension.LOADED:
-        kernels = [k for k in ("CPU", "CUDA") if _extension.has_kernel("hae_forward", k)]
+        kernels = [key for key in ("CPU", "CUDA") if _extension.has_kernel("hae_forward", key)]
         lines.append(f"\nextension grasp._C: loaded, kernels for {', '.join(kernels)}")
     else:
         lines.append(f"\nextension grasp._C: not loaded ({_extension.LOAD_ERROR})")

@@ -1,5 +1,6 @@
-"""Fused operators of grasp, each a torch custom op with reference, cpu, cuda and triton backends."""
+"""Fused operators of grasp: reference, cpu, cuda and triton backends behind one function each."""
 
 from grasp.ops.hae import holistic_attention, holistic_attention_reference
+from grasp.ops.knn import topk_neighbor_mean, topk_neighbor_mean_distributed
 
-__all__ = ["holistic_attention", "holistic_attention_reference"]
+__all__ = ["holistic_attention", "holistic_attention_reference", "topk_neighbor_mean", "topk_neighbor_mean_distributed"]

@@ -1,0 +1,50 @@
+"""The ``faiss`` backend of the neighbour search: faiss brute-force inner-product k-NN.
+
+CPU tensors go through ``faiss.knn`` (BLAS blocks plus heaps); CUDA tensors
+through ``faiss.knn_gpu`` when the faiss build has GPU support. faiss does not
+promise an order among equal scores, so the results are re-sorted by
+(score desc, index asc); which of several equal scores make the top k at the
+boundary is faiss's choice.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import faiss
+import numpy as np
+import torch
+from torch import Tensor
+
+from grasp.ops._knn_reference import drop_own, order_by_score
+
+
+def _has_gpu() -> bool:
+    return hasattr(faiss, "knn_gpu") and faiss.get_num_gpus() > 0
+
+
+def _raw_search(queries: Tensor, db: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    if queries.is_cuda:
+        if not _has_gpu():
+            raise RuntimeError("topk_neighbor_mean: the installed faiss has no GPU support; install a faiss "
+                               "GPU build (grasp[gpu]) or move the tensors to the CPU")
+        importlib.import_module("faiss.contrib.torch_utils")  # lets faiss.knn_gpu take torch tensors
+
+        res = faiss.StandardGpuResources()
+        scores, idx = faiss.knn_gpu(res, queries, db, k, metric=faiss.METRIC_INNER_PRODUCT)
+        return scores.float(), idx.long()
+    q = np.ascontiguousarray(queries.float().numpy())
+    x = np.ascontiguousarray(db.float().numpy())
+    scores, idx = faiss.knn(q, x, k, metric=faiss.METRIC_INNER_PRODUCT)
+    return torch.from_numpy(scores), torch.from_numpy(idx)
+
+
+def search(queries: Tensor, db: Tensor, k: int, query_start: int, exclude_self: bool) -> tuple[Tensor, Tensor]:
+    """Inner-product top-k with the contract of ``grasp::knn_search`` (see csrc/knn.cpp)."""
+    extra = 1 if exclude_self else 0
+    scores, idx = _raw_search(queries, db, min(k + extra, db.shape[0]))
+    if exclude_self:
+        own = torch.arange(query_start, query_start + queries.shape[0], device=idx.device)
+        scores, idx = drop_own(scores, idx, own, k)
+    scores, idx = order_by_score(scores, idx)
+    return scores.contiguous(), idx.contiguous()

@@ -1,0 +1,273 @@
+"""grasp.ops.topk_neighbor_mean on every backend that runs here, against float64 brute force."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import DEVICES
+
+import grasp
+from grasp.ops import knn
+
+TOL = 1e-5  # float32 dot products of unit rows
+
+
+def runnable(device: str) -> list[str]:
+    return [b for b in ("reference", "cpu", "cuda", "triton", "faiss") if not knn.backend_reason(b, device)]
+
+
+BACKEND_CASES = [(dev, b) for dev in DEVICES for b in runnable(dev)]
+INTERPRETED = {("cpu", "triton")}  # the Triton interpreter is slow: smaller data
+
+
+def brute_force(x: torch.Tensor, k: int, metric: str = "cosine", exclude_self: bool = True):
+    """float64 similarities, stable descending sort (ties -> smaller index)."""
+    x64 = x.double().cpu()
+    if metric == "cosine":
+        x64 = x64 / x64.norm(dim=1, keepdim=True)
+    sims = x64 @ x64.T
+    if exclude_self:
+        sims.fill_diagonal_(float("-inf"))
+    vals, idx = sims.sort(dim=1, descending=True, stable=True)
+    return vals, idx, sims
+
+
+def check_against_brute_force(x, k, mean, idx, scores, metric="cosine", exclude_self=True, exact_ties=True):
+    vals, truth_idx, sims = brute_force(x, k, metric, exclude_self)
+    n = x.shape[0]
+    idx, scores = idx.cpu(), scores.cpu()
+    assert idx.dtype == torch.int64 and scores.dtype == torch.float32
+    assert idx.shape == scores.shape == (n, k)
+    assert ((idx >= 0) & (idx < n)).all()
+    if exclude_self:
+        assert not (idx == torch.arange(n).unsqueeze(1)).any(), "a row selected itself"
+    # The selected similarity values are the true top-k values, in order.
+    torch.testing.assert_close(scores.double(), vals[:, :k], atol=TOL, rtol=0)
+    # The reported scores are the similarities of the reported indices.
+    torch.testing.assert_close(sims.gather(1, idx), scores.double(), atol=TOL, rtol=0)
+    # Indices equal where the value is separated from its neighbours (no near tie).
+    padded = torch.cat([vals[:, :1] + 1, vals[:, : k + 1] if k < vals.shape[1] else torch.cat(
+        [vals, vals.new_full((n, 1), float("-inf"))], 1)], dim=1)
+    separated = ((padded[:, :-2] - padded[:, 1:-1]) > 10 * TOL) & ((padded[:, 1:-1] - padded[:, 2:]) > 10 * TOL)
+    assert (idx[separated] == truth_idx[:, :k][separated]).all(), "indices differ where there is no tie"
+    if exact_ties:
+        # Among exactly equal similarities the smaller index comes first.
+        same = scores[:, 1:] == scores[:, :-1]
+        assert (idx[:, 1:][same] > idx[:, :-1][same]).all(), "equal scores not ordered by index"
+    # The mean is over the selected original rows.
+    expected = x.double().cpu()[idx].mean(dim=1)
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}.get(x.dtype, 1e-5)
+    torch.testing.assert_close(mean.double().cpu(), expected, atol=tol, rtol=tol)
+    assert mean.dtype == x.dtype and mean.device == x.device
+
+
+def sizes_for(device, backend):
+    if (device, backend) in INTERPRETED:
+        return [(2, 3), (33, 17), (130, 17)]
+    return [(2, 3), (33, 17), (1000, 3), (1000, 17), (1000, 384)]
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_random_data_every_k(device, backend):
+    for n, D in sizes_for(device, backend):
+        x = torch.randn(n, D, device=device)
+        for k in sorted({1, min(10, n - 1), n - 1}):
+            mean, idx, scores = grasp.ops.topk_neighbor_mean(x, k, return_indices=True, backend=backend)
+            check_against_brute_force(x, k, mean, idx, scores, exact_ties=backend != "faiss")
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_exact_and_cosine_ties(device, backend):
+    n, D = (60, 17) if (device, backend) in INTERPRETED else (400, 17)
+    x = torch.randn(n, D, device=device)
+    x[10] = x[3]  # duplicates: exact ties
+    x[20] = x[3]
+    x[30] = 2.0 * x[5]  # scalar multiples: equal cosine
+    x[40] = 0.5 * x[5]
+    for k in (1, 3, 7):
+        mean, idx, scores = grasp.ops.topk_neighbor_mean(x, k, return_indices=True, backend=backend)
+        check_against_brute_force(x, k, mean, idx, scores, exact_ties=backend != "faiss")
+        if backend != "faiss":
+            top = min(k, 2)
+            assert idx[3, :top].tolist() == [10, 20][:top] and idx[10, :top].tolist() == [3, 20][:top]
+            assert idx[5, :top].tolist() == [30, 40][:top]
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_dtypes_and_inner_product(device, backend, dtype):
+    n = 60 if (device, backend) in INTERPRETED else 300
+    x = torch.randn(n, 24, device=device).to(dtype)
+    for metric in ("cosine", "ip"):
+        mean, idx, scores = grasp.ops.topk_neighbor_mean(x, 5, metric=metric, return_indices=True, backend=backend)
+        check_against_brute_force(x, 5, mean, idx, scores, metric=metric, exact_ties=False)
+        assert mean.dtype == dtype
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_single_row_without_self_exclusion(device, backend):
+    x = torch.randn(1, 5, device=device)
+    mean, idx, _ = grasp.ops.topk_neighbor_mean(x, 1, exclude_self=False, return_indices=True, backend=backend)
+    assert idx.tolist() == [[0]]
+    torch.testing.assert_close(mean, x)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_query_slices_and_blocks_match_the_whole(device, backend):
+    n = 90 if (device, backend) in INTERPRETED else 500
+    x = torch.randn(n, 16, device=device)
+    whole_mean, whole_idx, _ = grasp.ops.topk_neighbor_mean(x, 4, return_indices=True, backend=backend)
+    part_mean, part_idx, _ = grasp.ops.topk_neighbor_mean(
+        x, 4, queries=x[37:71], query_start=37, return_indices=True, backend=backend
+    )
+    assert torch.equal(part_idx, whole_idx[37:71])
+    torch.testing.assert_close(part_mean, whole_mean[37:71])
+    seen = []
+    blocked = grasp.ops.topk_neighbor_mean(x, 4, backend=backend, block_size=7,
+                                           progress=lambda done, total: seen.append((done, total)))
+    torch.testing.assert_close(blocked, whole_mean)
+    assert seen[-1] == (n, n) and len(seen) == -(-n // 7)
+
+
+def test_external_queries_without_self_exclusion():
+    x, queries = torch.randn(200, 8), torch.randn(13, 8)
+    mean, idx, scores = grasp.ops.topk_neighbor_mean(x, 6, queries=queries, exclude_self=False, return_indices=True)
+    qn, xn = queries / queries.norm(dim=1, keepdim=True), x / x.norm(dim=1, keepdim=True)
+    truth, truth_idx = (qn.double() @ xn.double().T).sort(dim=1, descending=True, stable=True)
+    torch.testing.assert_close(scores.double(), truth[:, :6], atol=TOL, rtol=0)
+    torch.testing.assert_close(mean, x[idx].mean(1))
+
+
+def test_fast_precision_equals_highest():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(3000, 64, device=device)
+    for backend in runnable(device):
+        if (device, backend) in INTERPRETED:
+            continue
+        hi = grasp.ops.topk_neighbor_mean(x, 10, return_indices=True, backend=backend)
+        fast = grasp.ops.topk_neighbor_mean(x, 10, return_indices=True, backend=backend, precision="fast")
+        recall = (fast[1].unsqueeze(2) == hi[1].unsqueeze(1)).any(2).float().mean().item()
+        assert recall == 1.0, f"{backend}: fast recall@10 {recall}"
+        torch.testing.assert_close(fast[2], hi[2], atol=TOL, rtol=0)
+
+
+# ---- errors, not garbage ----
+
+@pytest.mark.parametrize(
+    "call,exc,pattern",
+    [
+        (lambda x: grasp.ops.topk_neighbor_mean(x, 0), ValueError, r"k must be >= 1, got 0"),
+        (lambda x: grasp.ops.topk_neighbor_mean(x, 10), ValueError, r"k=10 > n - 1 = 9"),
+        (lambda x: grasp.ops.topk_neighbor_mean(x, 11, exclude_self=False), ValueError, r"k=11 > n = 10"),
+        (lambda x: grasp.ops.topk_neighbor_mean(x, 2.0), TypeError, r"k must be an int"),
+        (lambda x: grasp.ops.topk_neighbor_mean(x, 2, queries=torch.randn(3, 5)), ValueError, r"D mismatch"),
+        (lambda x: grasp.ops.topk_neighbor_mean(x.long(), 2), TypeError, r"floating-point tensor, got torch.int64"),
+        (lambda x: grasp.ops.topk_neighbor_mean(x[:0], 1), ValueError, r"x is empty"),
+        (lambda x: grasp.ops.topk_neighbor_mean(x[:, :0], 1), ValueError, r"x is empty"),
+        (lambda x: grasp.ops.topk_neighbor_mean(x[0], 1), ValueError, r"x must be \[n, D\]"),
+        (lambda x: grasp.ops.topk_neighbor_mean(x, 2, metric="l2"), ValueError, r"metric must be"),
+        (lambda x: grasp.ops.topk_neighbor_mean(x, 2, precision="low"), ValueError, r"precision must be"),
+        (lambda x: grasp.ops.topk_neighbor_mean(x, 2, queries=x[:8], query_start=5), ValueError,
+         r"query_start \+ q = 13 > n = 10"),
+        (lambda x: grasp.ops.topk_neighbor_mean(x, 2, backend="tpu"), ValueError, r"unknown backend 'tpu'"),
+    ],
+    ids=["k0", "k_gt_n-1", "k_gt_n", "k_float", "D_mismatch", "int", "empty_n", "empty_D", "rank", "metric",
+         "precision", "query_range", "backend"],
+)
+def test_bad_arguments(call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call(torch.randn(10, 4))
+
+
+def test_zero_norm_rows_under_cosine():
+    x = torch.randn(10, 4)
+    x[6] = 0
+    with pytest.raises(ValueError, match=r"x row 6 has zero norm"):
+        grasp.ops.topk_neighbor_mean(x, 2)
+    grasp.ops.topk_neighbor_mean(x, 2, metric="ip")  # inner product is defined there
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values(bad):
+    x = torch.randn(10, 4)
+    x[7, 2] = bad
+    with pytest.raises(ValueError, match=r"x has NaN or Inf values \(first in row 7"):
+        grasp.ops.topk_neighbor_mean(x, 2)
+    with pytest.raises(ValueError, match=r"queries has NaN or Inf"):
+        grasp.ops.topk_neighbor_mean(torch.randn(10, 4), 2, queries=x, exclude_self=False)
+
+
+# ---- memory: the q x n similarity matrix never exists ----
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import json, resource, sys, torch, grasp
+    n, q, backend = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    torch.manual_seed(0)
+    x = torch.randn(n, 64)
+    queries = x[:q]
+    grasp.ops.topk_neighbor_mean(x[:1000], 10, backend=backend)  # warm up allocators and kernels
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    grasp.ops.topk_neighbor_mean(x, 10, queries=queries, backend=backend)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"growth_kib": after - before}))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if not knn.backend_reason(b, "cpu")])
+def test_peak_memory_far_below_n_squared(backend, tmp_path):
+    n = 200_000
+    full = os.environ.get("GRASP_SLOW_TESTS") == "full"
+    q = n if full else 10_000  # bounded form: 10k queries x 200k rows would still be 8 GB as one matrix
+    script = tmp_path / "mem.py"
+    script.write_text(MEMORY_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(n), str(q), backend], capture_output=True, text=True,
+                          check=True, timeout=1800)
+    growth_bytes = json.loads(done.stdout.strip().splitlines()[-1])["growth_kib"] * 1024
+    q_times_n = 4 * q * n
+    assert growth_bytes < 1.5 * 2**30, f"peak RSS grew by {growth_bytes / 2**30:.2f} GiB"
+    assert growth_bytes < q_times_n / 10, "memory grows like the q x n similarity matrix"
+
+
+# ---- sharding over torch.distributed ranks (gloo, 2 processes) ----
+
+DIST_SCRIPT = textwrap.dedent("""
+    import json, os, sys, torch, torch.distributed as dist, grasp
+    dist.init_process_group("gloo", rank=int(sys.argv[1]), world_size=2)
+    torch.manual_seed(0)
+    x = torch.randn(301, 12)
+    mean, idx, scores = grasp.ops.topk_neighbor_mean_distributed(x, 5, return_indices=True, backend=sys.argv[2])
+    single = grasp.ops.topk_neighbor_mean(x, 5, return_indices=True, backend=sys.argv[2])
+    ok = torch.equal(idx, single[1]) and torch.equal(scores, single[2]) and torch.allclose(mean, single[0])
+    print(json.dumps({"rank": dist.get_rank(), "ok": ok, "rows": mean.shape[0]}))
+    dist.destroy_process_group()
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if not knn.backend_reason(b, "cpu")])
+def test_two_process_gloo_matches_single_process(backend, tmp_path):
+    script = tmp_path / "dist.py"
+    script.write_text(DIST_SCRIPT)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    procs = [subprocess.Popen([sys.executable, str(script), str(rank), backend], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert all(r["ok"] and r["rows"] == 301 for r in results)
