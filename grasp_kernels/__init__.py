@@ -1,0 +1,1 @@
+"""Triton kernels of grasp: pure kernel code and launch helpers, no model code."""

@@ -1,0 +1,409 @@
+"""Fused Triton kernels of the holistic-attention (HAE) operator (DESIGN.md section 2).
+
+For every (b, l), with u = user[b], ū = user_sim[b] (or [b, l] each), i = item[b, l], ī = item_sim[b, l]:
+s1 = <u, i>, s2 = <ū, ī>, gates a_self = act(s1/√d), a_sim = act(s2/√d), a_glob = act((s1+s2)/√(2d))
+and out[b, l] = [a_self·i | a_sim·ī | a_glob·i | a_glob·ī]. ``act`` is a sigmoid, or a softmax over
+the L positions of a row (one per branch, masked positions excluded).
+
+Kernel design: one program per batch row b walks L in tiles of BLOCK_L positions that span the whole
+of d (BLOCK_D = next_power_of_2(d)); everything is accumulated in float32.
+
+- Forward: loads u, ū, i, ī once per tile, computes the three gates and writes the tile's [., 4d]
+  output. The softmax first makes a pass over the row for each branch's max and sum of exponentials.
+- Backward: recomputes the gates from the inputs (the forward saves nothing) and writes the four
+  gradients in the same pass. A broadcast user's gradient is summed over L in registers, so nothing
+  is accumulated across programs (no atomics). The softmax first makes a pass for the row statistics
+  and for sum_l a·da of each branch.
+
+``hae_forward`` and ``hae_backward`` launch the kernels; the torch.library ops
+``grasp::hae_forward_triton`` (differentiable) and ``grasp::hae_backward_triton`` wrap them.
+"""
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
+
+__all__ = ["hae_backward", "hae_forward"]
+
+# TRITON_INTERPRET=1 runs the kernels on CPU tensors in Triton's NumPy interpreter (tests). There is
+# nothing to tune then, and the kernels are launched directly rather than through wrap_triton, which
+# only serves torch.compile's tracing of the triton_ops (see the op definitions below).
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Most elements of a [BLOCK_L, BLOCK_D] tile per thread a config may use: the backward keeps about
+# eight float32 tiles live, so wide rows get fewer positions per tile rather than spilling registers.
+_TILE_ELEMS_PER_THREAD = 16
+
+# Starting value of a running softmax max: finite, so exp(m_old - m_new) is never exp(-inf + inf).
+_FP32_MIN = tl.constexpr(-3.4028234663852886e38)
+
+if _INTERPRET:
+    _CONFIGS = [triton.Config({"BLOCK_L": 16}, num_warps=4, num_stages=1)]
+else:
+    # num_stages is not tuned: the loops hold no tl.dot, so Triton does not software-pipeline them and
+    # emits the same code for every num_stages.
+    _CONFIGS = [
+        triton.Config({"BLOCK_L": block_l}, num_warps=warps, num_stages=1)
+        for block_l in (1, 4, 16, 64)
+        for warps in (4, 8)
+    ]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Keep the configs within _TILE_ELEMS_PER_THREAD (the one with the smallest tile per thread if none)."""
+
+    def per_thread(config):
+        return config.kwargs["BLOCK_L"] * kwargs["BLOCK_D"] / (32 * config.num_warps)
+
+    fitting = [c for c in configs if per_thread(c) <= _TILE_ELEMS_PER_THREAD]
+    return fitting or [min(configs, key=per_thread)]
+
+
+# Every shape argument and flag is in the key (triton adds the tensors' dtypes itself).
+_autotune = triton.autotune(
+    configs=_CONFIGS,
+    key=["B", "L", "D", "SOFTMAX", "HAS_MASK", "USER_PER_POSITION"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
+
+
+@triton.jit
+def _tile(b, l0, L, D, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Flat b*L + l indices and column offsets of the tile of row b starting at l0, with their bounds."""
+    offs_l = l0 + tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, BLOCK_D)
+    return b * L + offs_l, offs_d, offs_l < L, (offs_d < D)[None, :]
+
+
+@triton.jit
+def _tile_masks(mask_ptr, rows, in_row, d_ok, HAS_MASK: tl.constexpr):
+    """(live, load_mask, store_mask): live marks positions inside the row and not masked out.
+
+    Loads use load_mask, so dead positions read as 0; stores use store_mask, so they are written as 0.
+    (Kept apart from _tile so that no store address depends on mask_ptr: torch.compile's mutation
+    analysis would otherwise think the mask is written.)
+    """
+    live = in_row
+    if HAS_MASK:
+        live = live & (tl.load(mask_ptr + rows, mask=in_row, other=0) != 0)
+    return live, live[:, None] & d_ok, in_row[:, None] & d_ok
+
+
+@triton.jit
+def _load(ptr, offs, mask):
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_inputs(
+    user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, b, offs, offs_d, load_mask, D,
+    USER_PER_POSITION: tl.constexpr,
+):
+    """float32 tiles u, ū, i, ī; a broadcast user comes back as one [1, BLOCK_D] row."""
+    if USER_PER_POSITION:
+        u = _load(user_ptr, offs, load_mask)
+        u_sim = _load(user_sim_ptr, offs, load_mask)
+    else:
+        offs_u = (b * D + offs_d)[None, :]
+        d_ok = (offs_d < D)[None, :]
+        u = _load(user_ptr, offs_u, d_ok)
+        u_sim = _load(user_sim_ptr, offs_u, d_ok)
+    return u, u_sim, _load(item_ptr, offs, load_mask), _load(item_sim_ptr, offs, load_mask)
+
+
+@triton.jit
+def _logits(u, u_sim, i, i_sim, scale, scale_glob):
+    """z_self, z_sim, z_glob of each position of the tile."""
+    s1 = tl.sum(u * i, axis=1)
+    s2 = tl.sum(u_sim * i_sim, axis=1)
+    return s1 * scale, s2 * scale, (s1 + s2) * scale_glob
+
+
+@triton.jit
+def _load_grad_out(grad_out_ptr, rows, offs_d, load_mask, D):
+    """The four d-wide slices g1, g2, g3, g4 of grad_out for the tile."""
+    offs = rows[:, None] * (4 * D) + offs_d[None, :]
+    g1 = _load(grad_out_ptr, offs, load_mask)
+    g2 = _load(grad_out_ptr, offs + D, load_mask)
+    g3 = _load(grad_out_ptr, offs + 2 * D, load_mask)
+    g4 = _load(grad_out_ptr, offs + 3 * D, load_mask)
+    return g1, g2, g3, g4
+
+
+@triton.jit
+def _gate_grads(g1, g2, g3, g4, i, i_sim):
+    """da_self, da_sim, da_glob: the gradient reaching each gate."""
+    return tl.sum(g1 * i, axis=1), tl.sum(g2 * i_sim, axis=1), tl.sum(g3 * i + g4 * i_sim, axis=1)
+
+
+@triton.jit
+def _online_softmax(m, s, z, live):
+    """Fold a tile of logits into a row's running max m and sum s of exp(z - m).
+
+    Returns the new (m, s), the factor alpha = exp(m_old - m_new) that rescales any other sum kept
+    relative to the max, and p = exp(z - m_new) of the tile (0 at dead positions).
+    """
+    z = tl.where(live, z, float("-inf"))
+    m_new = tl.maximum(m, tl.max(z, axis=0))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(z - m_new)
+    return m_new, s * alpha + tl.sum(p, axis=0), alpha, p
+
+
+@triton.jit
+def _inv_sum(s):
+    # The row's largest term is exp(0) = 1, so s >= 1 unless no position is live; then s = 0, every
+    # weight is exp(-inf) = 0 and any finite inverse will do.
+    return 1.0 / tl.maximum(s, 1.0)
+
+
+@triton.jit
+def _gate(z, m, inv_s, live, SOFTMAX: tl.constexpr):
+    """Weight of each position as a [BLOCK_L, 1] column: exp(z - m) / s or sigmoid(z); 0 if dead."""
+    if SOFTMAX:
+        a = tl.exp(tl.where(live, z, float("-inf")) - m) * inv_s
+    else:
+        a = tl.where(live, tl.sigmoid(z), 0.0)
+    return a[:, None]
+
+
+@triton.jit
+def _logit_grad(a, da, c, SOFTMAX: tl.constexpr):
+    """dz from a gate and its gradient; c = sum_l a·da over the row (softmax only)."""
+    if SOFTMAX:
+        return a * (da - c)
+    return da * a * (1.0 - a)
+
+
+@_autotune
+@triton.jit
+def _hae_fwd_kernel(
+    user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, mask_ptr, out_ptr,
+    B, L, D, scale, scale_glob,
+    SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, USER_PER_POSITION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+
+    # Softmax only: per-branch max and sum of exponentials over the row (online softmax).
+    m_self = tl.full([], _FP32_MIN, tl.float32)
+    m_sim = tl.full([], _FP32_MIN, tl.float32)
+    m_glob = tl.full([], _FP32_MIN, tl.float32)
+    s_self = tl.zeros([], tl.float32)
+    s_sim = tl.zeros([], tl.float32)
+    s_glob = tl.zeros([], tl.float32)
+    if SOFTMAX:
+        for l0 in range(0, L, BLOCK_L):
+            rows, offs_d, in_row, d_ok = _tile(b, l0, L, D, BLOCK_L, BLOCK_D)
+            live, load_mask, _ = _tile_masks(mask_ptr, rows, in_row, d_ok, HAS_MASK)
+            offs = rows[:, None] * D + offs_d[None, :]
+            u, u_sim, i, i_sim = _load_inputs(
+                user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, b, offs, offs_d, load_mask, D,
+                USER_PER_POSITION,
+            )
+            z_self, z_sim, z_glob = _logits(u, u_sim, i, i_sim, scale, scale_glob)
+            m_self, s_self, _, _ = _online_softmax(m_self, s_self, z_self, live)
+            m_sim, s_sim, _, _ = _online_softmax(m_sim, s_sim, z_sim, live)
+            m_glob, s_glob, _, _ = _online_softmax(m_glob, s_glob, z_glob, live)
+    inv_self, inv_sim, inv_glob = _inv_sum(s_self), _inv_sum(s_sim), _inv_sum(s_glob)
+
+    # Gates, then out = [a_self*i | a_sim*ī | a_glob*i | a_glob*ī].
+    out_ty = out_ptr.dtype.element_ty
+    for l0 in range(0, L, BLOCK_L):
+        rows, offs_d, in_row, d_ok = _tile(b, l0, L, D, BLOCK_L, BLOCK_D)
+        live, load_mask, store_mask = _tile_masks(mask_ptr, rows, in_row, d_ok, HAS_MASK)
+        offs = rows[:, None] * D + offs_d[None, :]
+        u, u_sim, i, i_sim = _load_inputs(
+            user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, b, offs, offs_d, load_mask, D, USER_PER_POSITION
+        )
+        z_self, z_sim, z_glob = _logits(u, u_sim, i, i_sim, scale, scale_glob)
+        a_self = _gate(z_self, m_self, inv_self, live, SOFTMAX)
+        a_sim = _gate(z_sim, m_sim, inv_sim, live, SOFTMAX)
+        a_glob = _gate(z_glob, m_glob, inv_glob, live, SOFTMAX)
+        out = out_ptr + rows[:, None] * (4 * D) + offs_d[None, :]
+        tl.store(out, (a_self * i).to(out_ty), mask=store_mask)
+        tl.store(out + D, (a_sim * i_sim).to(out_ty), mask=store_mask)
+        tl.store(out + 2 * D, (a_glob * i).to(out_ty), mask=store_mask)
+        tl.store(out + 3 * D, (a_glob * i_sim).to(out_ty), mask=store_mask)
+
+
+@_autotune
+@triton.jit
+def _hae_bwd_kernel(
+    grad_out_ptr, user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, mask_ptr,
+    grad_user_ptr, grad_user_sim_ptr, grad_item_ptr, grad_item_sim_ptr,
+    B, L, D, scale, scale_glob,
+    SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, USER_PER_POSITION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+
+    # Softmax only: the row statistics of the forward plus t = sum_l exp(z - m)·da of each branch,
+    # rescaled like s whenever the max moves, so that t / s = sum_l a·da.
+    m_self = tl.full([], _FP32_MIN, tl.float32)
+    m_sim = tl.full([], _FP32_MIN, tl.float32)
+    m_glob = tl.full([], _FP32_MIN, tl.float32)
+    s_self = tl.zeros([], tl.float32)
+    s_sim = tl.zeros([], tl.float32)
+    s_glob = tl.zeros([], tl.float32)
+    t_self = tl.zeros([], tl.float32)
+    t_sim = tl.zeros([], tl.float32)
+    t_glob = tl.zeros([], tl.float32)
+    if SOFTMAX:
+        for l0 in range(0, L, BLOCK_L):
+            rows, offs_d, in_row, d_ok = _tile(b, l0, L, D, BLOCK_L, BLOCK_D)
+            live, load_mask, _ = _tile_masks(mask_ptr, rows, in_row, d_ok, HAS_MASK)
+            offs = rows[:, None] * D + offs_d[None, :]
+            u, u_sim, i, i_sim = _load_inputs(
+                user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, b, offs, offs_d, load_mask, D,
+                USER_PER_POSITION,
+            )
+            z_self, z_sim, z_glob = _logits(u, u_sim, i, i_sim, scale, scale_glob)
+            g1, g2, g3, g4 = _load_grad_out(grad_out_ptr, rows, offs_d, load_mask, D)
+            da_self, da_sim, da_glob = _gate_grads(g1, g2, g3, g4, i, i_sim)
+            m_self, s_self, alpha, p = _online_softmax(m_self, s_self, z_self, live)
+            t_self = t_self * alpha + tl.sum(p * da_self, axis=0)
+            m_sim, s_sim, alpha, p = _online_softmax(m_sim, s_sim, z_sim, live)
+            t_sim = t_sim * alpha + tl.sum(p * da_sim, axis=0)
+            m_glob, s_glob, alpha, p = _online_softmax(m_glob, s_glob, z_glob, live)
+            t_glob = t_glob * alpha + tl.sum(p * da_glob, axis=0)
+    inv_self, inv_sim, inv_glob = _inv_sum(s_self), _inv_sum(s_sim), _inv_sum(s_glob)
+    c_self, c_sim, c_glob = t_self * inv_self, t_sim * inv_sim, t_glob * inv_glob
+
+    # Gradients. ds1, ds2 are the gradients of s1 = <u, i> and s2 = <ū, ī>.
+    grad_u_row = tl.zeros([BLOCK_D], tl.float32)
+    grad_u_sim_row = tl.zeros([BLOCK_D], tl.float32)
+    grad_ty = grad_item_ptr.dtype.element_ty
+    for l0 in range(0, L, BLOCK_L):
+        rows, offs_d, in_row, d_ok = _tile(b, l0, L, D, BLOCK_L, BLOCK_D)
+        live, load_mask, store_mask = _tile_masks(mask_ptr, rows, in_row, d_ok, HAS_MASK)
+        offs = rows[:, None] * D + offs_d[None, :]
+        u, u_sim, i, i_sim = _load_inputs(
+            user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, b, offs, offs_d, load_mask, D, USER_PER_POSITION
+        )
+        z_self, z_sim, z_glob = _logits(u, u_sim, i, i_sim, scale, scale_glob)
+        g1, g2, g3, g4 = _load_grad_out(grad_out_ptr, rows, offs_d, load_mask, D)
+        da_self, da_sim, da_glob = _gate_grads(g1, g2, g3, g4, i, i_sim)
+        a_self = _gate(z_self, m_self, inv_self, live, SOFTMAX)
+        a_sim = _gate(z_sim, m_sim, inv_sim, live, SOFTMAX)
+        a_glob = _gate(z_glob, m_glob, inv_glob, live, SOFTMAX)
+        dz_self = _logit_grad(a_self, da_self[:, None], c_self, SOFTMAX)
+        dz_sim = _logit_grad(a_sim, da_sim[:, None], c_sim, SOFTMAX)
+        dz_glob = _logit_grad(a_glob, da_glob[:, None], c_glob, SOFTMAX)
+        ds1 = dz_self * scale + dz_glob * scale_glob
+        ds2 = dz_sim * scale + dz_glob * scale_glob
+        grad_item = a_self * g1 + a_glob * g3 + ds1 * u
+        grad_item_sim = a_sim * g2 + a_glob * g4 + ds2 * u_sim
+        tl.store(grad_item_ptr + offs, grad_item.to(grad_ty), mask=store_mask)
+        tl.store(grad_item_sim_ptr + offs, grad_item_sim.to(grad_ty), mask=store_mask)
+        if USER_PER_POSITION:
+            tl.store(grad_user_ptr + offs, (ds1 * i).to(grad_ty), mask=store_mask)
+            tl.store(grad_user_sim_ptr + offs, (ds2 * i_sim).to(grad_ty), mask=store_mask)
+        else:
+            grad_u_row += tl.sum(ds1 * i, axis=0)
+            grad_u_sim_row += tl.sum(ds2 * i_sim, axis=0)
+    if not USER_PER_POSITION:
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_u = b * D + offs_d
+        tl.store(grad_user_ptr + offs_u, grad_u_row.to(grad_ty), mask=offs_d < D)
+        tl.store(grad_user_sim_ptr + offs_u, grad_u_sim_row.to(grad_ty), mask=offs_d < D)
+
+
+def _launch_args(user: Tensor, item: Tensor, mask: Tensor | None, softmax: bool) -> dict:
+    """Shape, scale and flag arguments shared by both kernels."""
+    if item.dtype not in _DTYPES:
+        raise TypeError(f"HAE Triton kernels take float32, float16 or bfloat16, not {item.dtype}")
+    B, L, D = item.shape
+    return dict(
+        B=B, L=L, D=D, scale=1.0 / math.sqrt(D), scale_glob=1.0 / math.sqrt(2 * D),
+        SOFTMAX=softmax, HAS_MASK=mask is not None, USER_PER_POSITION=user.dim() == 3,
+        BLOCK_D=triton.next_power_of_2(D),
+    )
+
+
+def hae_forward(
+    user: Tensor, user_sim: Tensor, item: Tensor, item_sim: Tensor, mask: Tensor | None, softmax: bool
+) -> Tensor:
+    """Holistic attention forward: ``[B, L, 4d]`` output in the dtype of the inputs.
+
+    Args:
+        user, user_sim: ``[B, d]`` (broadcast over L) or ``[B, L, d]``.
+        item, item_sim: ``[B, L, d]``.
+        mask: None or bool ``[B, L]``, True marks a real position.
+        softmax: softmax gates over each row's positions instead of sigmoid gates.
+
+    Inputs must be contiguous and of one float32/float16/bfloat16 dtype and device (the caller
+    validates them); other dtypes raise TypeError.
+    """
+    args = _launch_args(user, item, mask, softmax)
+    B, L, D = item.shape
+    out = item.new_empty((B, L, 4 * D))
+    kernel = _hae_fwd_kernel if _INTERPRET else wrap_triton(_hae_fwd_kernel)
+    # With no mask, item stands in for the mask pointer; HAS_MASK=False means it is never read.
+    kernel[(B,)](user, user_sim, item, item_sim, item if mask is None else mask, out, **args)
+    return out
+
+
+def hae_backward(
+    grad_out: Tensor,
+    user: Tensor,
+    user_sim: Tensor,
+    item: Tensor,
+    item_sim: Tensor,
+    mask: Tensor | None,
+    softmax: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients ``(grad_user, grad_user_sim, grad_item, grad_item_sim)`` of ``hae_forward``.
+
+    ``grad_out`` is the contiguous ``[B, L, 4d]`` gradient of the output; the other arguments are
+    those of the forward. Each gradient has the shape and dtype of its input (a broadcast user's
+    gradient is summed over L). Masked positions get zero gradients.
+    """
+    args = _launch_args(user, item, mask, softmax)
+    grads = tuple(t.new_empty(t.shape) for t in (user, user_sim, item, item_sim))
+    kernel = _hae_bwd_kernel if _INTERPRET else wrap_triton(_hae_bwd_kernel)
+    kernel[(item.shape[0],)](
+        grad_out, user, user_sim, item, item_sim, item if mask is None else mask, *grads, **args
+    )
+    return grads
+
+
+# On a GPU the ops are triton_ops, so torch.compile traces into them and sees the kernels. Under
+# TRITON_INTERPRET=1 that tracing would run the interpreter on fake tensors, which have no data
+# ("Attempted to access the data pointer on an invalid python storage"), so there they are opaque
+# custom ops instead.
+_define_op = torch.library.custom_op if _INTERPRET else torch.library.triton_op
+_hae_forward_op = _define_op("grasp::hae_forward_triton", hae_forward, mutates_args=())
+_hae_backward_op = _define_op("grasp::hae_backward_triton", hae_backward, mutates_args=())
+
+
+@_hae_forward_op.register_fake
+def _hae_forward_fake(user, user_sim, item, item_sim, mask, softmax):
+    B, L, D = item.shape
+    return item.new_empty((B, L, 4 * D))
+
+
+@_hae_backward_op.register_fake
+def _hae_backward_fake(grad_out, user, user_sim, item, item_sim, mask, softmax):
+    return tuple(t.new_empty(t.shape) for t in (user, user_sim, item, item_sim))
+
+
+def _setup_context(ctx, inputs, output):
+    user, user_sim, item, item_sim, mask, softmax = inputs
+    ctx.save_for_backward(user, user_sim, item, item_sim, mask)
+    ctx.softmax = softmax
+
+
+def _backward(ctx, grad_out):
+    grads = torch.ops.grasp.hae_backward_triton(grad_out.contiguous(), *ctx.saved_tensors, ctx.softmax)
+    return (*grads, None, None)  # no gradient for mask and softmax
+
+
+_hae_forward_op.register_autograd(_backward, setup_context=_setup_context)
