@@ -16,9 +16,10 @@ ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def backend_dtypes(backend: str, device: str) -> tuple[torch.dtype, ...]:
-    """Dtypes each backend supports on a device (the interpreter has no bfloat16 arithmetic)."""
+    """Dtypes each backend supports (the Triton kernels have no float64; bfloat16 is emulated by the
+    interpreter of triton 3.9 on CPU tensors)."""
     if backend == "triton":
-        return (torch.float32, torch.float16) if device == "cpu" else (torch.float32, torch.float16, torch.bfloat16)
+        return (torch.float32, torch.float16, torch.bfloat16)
     return ALL_DTYPES
 
 
