@@ -1,7 +1,7 @@
 // Schemas of the holistic-attention operator (DESIGN.md section 2).
 //
 // The kernels live in cpu/ and cuda/; autograd and the fake (meta) kernels are
-// registered from Python in grasp/ops/holistic_attention.py.
+// registered from Python in grasp/ops/hae.py.
 //
 //   hae_forward(user, user_sim, item, item_sim, mask, softmax) -> out [B, L, 4d]
 //   hae_backward(grad_out, user, user_sim, item, item_sim, mask, softmax)

@@ -48,8 +48,10 @@ def missing_reason(op: str, dispatch_key: str) -> str:
     if not has_op(op):
         return f"grasp._C has no operator grasp::{op}: it was built from older sources; rebuild it"
     if dispatch_key == "CUDA":
+        if torch.version.cuda is None:
+            return "this torch is a CPU-only build, so grasp._C has no CUDA kernels; install a CUDA torch and rebuild"
         return (
-            "grasp._C was built without its CUDA kernels (CPU-only torch or no nvcc at build time); "
-            "rebuild with a CUDA torch and nvcc, or GRASP_FORCE_CUDA=1"
+            "grasp._C was built without its CUDA kernels (nvcc was not found at build time); set CUDA_HOME and "
+            "rebuild with `pip install --no-build-isolation -e .` (GRASP_FORCE_CUDA=1 on a host without a GPU)"
         )
     return f"grasp._C has no {dispatch_key} kernel for grasp::{op}"

@@ -28,6 +28,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from grasp.ops.hae import register_op_glue
+
 __all__ = ["hae_backward", "hae_forward"]
 
 # TRITON_INTERPRET=1 runs the kernels on CPU tensors in Triton's NumPy interpreter (tests). There is
@@ -380,30 +382,9 @@ def hae_backward(
 # ("Attempted to access the data pointer on an invalid python storage"), so there they are opaque
 # custom ops instead.
 _define_op = torch.library.custom_op if _INTERPRET else torch.library.triton_op
-_hae_forward_op = _define_op("grasp::hae_forward_triton", hae_forward, mutates_args=())
-_hae_backward_op = _define_op("grasp::hae_backward_triton", hae_backward, mutates_args=())
+_define_op("grasp::hae_forward_triton", hae_forward, mutates_args=())
+_define_op("grasp::hae_backward_triton", hae_backward, mutates_args=())
 
 
-@_hae_forward_op.register_fake
-def _hae_forward_fake(user, user_sim, item, item_sim, mask, softmax):
-    B, L, D = item.shape
-    return item.new_empty((B, L, 4 * D))
-
-
-@_hae_backward_op.register_fake
-def _hae_backward_fake(grad_out, user, user_sim, item, item_sim, mask, softmax):
-    return tuple(t.new_empty(t.shape) for t in (user, user_sim, item, item_sim))
-
-
-def _setup_context(ctx, inputs, output):
-    user, user_sim, item, item_sim, mask, softmax = inputs
-    ctx.save_for_backward(user, user_sim, item, item_sim, mask)
-    ctx.softmax = softmax
-
-
-def _backward(ctx, grad_out):
-    grads = torch.ops.grasp.hae_backward_triton(grad_out.contiguous(), *ctx.saved_tensors, ctx.softmax)
-    return (*grads, None, None)  # no gradient for mask and softmax
-
-
-_hae_forward_op.register_autograd(_backward, setup_context=_setup_context)
+# Fake kernels and autograd: shared with the C++ ops of the same schema.
+register_op_glue("grasp::hae_forward_triton", "grasp::hae_backward_triton")

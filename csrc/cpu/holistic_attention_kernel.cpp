@@ -188,8 +188,13 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& user, const at:
       const Row<scalar_t> r = make_row<scalar_t>(user, user_sim, item, item_sim, mask, b);
       row_logits(r, gates.data());
       logits_to_gates(r, softmax, gates.data());
-      // Pass 1: upstream gradient of each gate, da = <g_branch, value>.
+      // Pass 1: upstream gradient of each gate, da = <g_branch, value> (0 at masked positions,
+      // whose values are never read: padding may hold anything, NaN included).
       for (int64_t l = 0; l < L; ++l) {
+        if (!r.real(l)) {
+          dgate[3 * l] = dgate[3 * l + 1] = dgate[3 * l + 2] = acc_t(0);
+          continue;
+        }
         const scalar_t* g = g_p + (b * L + l) * 4 * d;
         dgate[3 * l + 0] = dot<scalar_t, acc_t>(g, r.it_at(l), d);
         dgate[3 * l + 1] = dot<scalar_t, acc_t>(g + d, r.is_at(l), d);
@@ -218,12 +223,20 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& user, const at:
         const scalar_t* is = r.is_at(l);
         const scalar_t* u = r.u_at(l);
         const scalar_t* us = r.us_at(l);
-        const bool real = r.real(l);
-        const acc_t a_self = gates[3 * l], a_sim = gates[3 * l + 1], a_glob = gates[3 * l + 2];
-        const acc_t ds1 = real ? dgate[3 * l] * c1 + dgate[3 * l + 2] * c2 : acc_t(0);
-        const acc_t ds2 = real ? dgate[3 * l + 1] * c1 + dgate[3 * l + 2] * c2 : acc_t(0);
         scalar_t* gi = gi_p + off;
         scalar_t* gis = gis_p + off;
+        if (!r.real(l)) {  // masked: exact zero gradients, nothing read
+          std::fill(gi, gi + d, scalar_t(0));
+          std::fill(gis, gis + d, scalar_t(0));
+          if (per_pos) {
+            std::fill(gu_p + off, gu_p + off + d, scalar_t(0));
+            std::fill(gus_p + off, gus_p + off + d, scalar_t(0));
+          }
+          continue;
+        }
+        const acc_t a_self = gates[3 * l], a_sim = gates[3 * l + 1], a_glob = gates[3 * l + 2];
+        const acc_t ds1 = dgate[3 * l] * c1 + dgate[3 * l + 2] * c2;
+        const acc_t ds2 = dgate[3 * l + 1] * c1 + dgate[3 * l + 2] * c2;
 #pragma omp simd
         for (int64_t k = 0; k < d; ++k) {
           const acc_t g1 = g[k], g2 = g[d + k], g3 = g[2 * d + k], g4 = g[3 * d + k];
@@ -238,7 +251,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& user, const at:
             gu[k] = static_cast<scalar_t>(ds1 * static_cast<acc_t>(i[k]));
             gus[k] = static_cast<scalar_t>(ds2 * static_cast<acc_t>(is[k]));
           }
-        } else if (real) {
+        } else {
           acc_t* au = acc_u.data();
           acc_t* aus = acc_us.data();
 #pragma omp simd

@@ -44,12 +44,17 @@ def holistic_attention_reference(
     if upcast and out_dtype in _LOW_PRECISION:
         user, user_sim, item, item_sim = (t.float() for t in (user, user_sim, item, item_sim))
     d = item.shape[-1]
+    keep = None if mask is None else mask.unsqueeze(-1)
+    if keep is not None:
+        # Masked positions are never read: padding may hold anything, NaN included.
+        item, item_sim = item.masked_fill(~keep, 0), item_sim.masked_fill(~keep, 0)
+        if user.dim() == 3:
+            user, user_sim = user.masked_fill(~keep, 0), user_sim.masked_fill(~keep, 0)
     if user.dim() == 2:
         user, user_sim = user.unsqueeze(1), user_sim.unsqueeze(1)
     s1 = (user * item).sum(-1)
     s2 = (user_sim * item_sim).sum(-1)
     z = torch.stack((s1 / math.sqrt(d), s2 / math.sqrt(d), (s1 + s2) / math.sqrt(2 * d)), dim=-1)
-    keep = None if mask is None else mask.unsqueeze(-1)
     if activation == "sigmoid":
         gates = torch.sigmoid(z)
     elif activation == "softmax":

@@ -26,8 +26,8 @@ _KERNEL_MODULE = "grasp_kernels.holistic_attention"
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
-def backend_reason(backend: str, device_type: str) -> str:
-    """Why ``backend`` cannot run holistic attention on ``device_type`` tensors ("" if it can)."""
+def backend_reason(backend: str, device_type: str, dtype: torch.dtype | None = None) -> str:
+    """Why ``backend`` cannot run holistic attention on ``device_type`` tensors of ``dtype`` ("" if it can)."""
     if backend == "reference":
         return ""
     if backend in ("cpu", "cuda"):
@@ -35,14 +35,18 @@ def backend_reason(backend: str, device_type: str) -> str:
             return f"the {backend} backend runs {backend} tensors only"
         return _extension.missing_reason("hae_forward", backend.upper())
     if backend == "triton":
+        if dtype is not None and dtype not in _TRITON_DTYPES:
+            return f"the Triton kernels take float32, float16 and bfloat16, not {dtype}"
         return _backends.triton_reason(device_type, _KERNEL_MODULE)
     return f"{backend!r} is not a backend of holistic_attention"
 
 
 @torch.compiler.assume_constant_result
-def _choose_backend(requested: str | None, device_type: str) -> str:
+def _choose_backend(requested: str | None, device_type: str, dtype: torch.dtype) -> str:
     # A constant for torch.compile: availability checks are not traceable and never change mid-graph.
-    return _backends.choose("holistic_attention", requested, device_type, AUTO_ORDER, backend_reason)
+    return _backends.choose(
+        "holistic_attention", requested, device_type, AUTO_ORDER, lambda b, dev: backend_reason(b, dev, dtype)
+    )
 
 
 def _check_inputs(user: Tensor, user_sim: Tensor, item: Tensor, item_sim: Tensor, mask: Tensor | None) -> None:
@@ -135,11 +139,9 @@ def holistic_attention(
     _check_inputs(user, user_sim, item, item_sim, mask)
     if activation not in ACTIVATIONS:
         raise ValueError(f"holistic_attention: activation must be 'sigmoid' or 'softmax', got {activation!r}")
-    name = _choose_backend(backend, item.device.type)
+    name = _choose_backend(backend, item.device.type, item.dtype)
     if name == "reference" or item.numel() == 0:
         return holistic_attention_reference(user, user_sim, item, item_sim, mask, activation)
-    if name == "triton" and item.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"holistic_attention: the triton backend supports float32/16 and bfloat16, not {item.dtype}")
     args = (user.contiguous(), user_sim.contiguous(), item.contiguous(), item_sim.contiguous())
     mask = None if mask is None else mask.contiguous()
     softmax = activation == "softmax"
@@ -150,32 +152,38 @@ def holistic_attention(
     return torch.ops.grasp.hae_forward(*args, mask, softmax)
 
 
-# ---- autograd and fake kernels of the C++ operators (registered only when grasp._C is loaded) ----
+# ---- fake kernels and autograd of the kernel ops (C++ here, Triton in grasp_kernels) ----
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    user, user_sim, item, item_sim, mask, softmax = inputs
-    ctx.save_for_backward(user, user_sim, item, item_sim, mask)
-    ctx.softmax = softmax
+def register_op_glue(forward: str, backward: str) -> None:
+    """Register fake (meta) kernels for a forward/backward op pair and autograd on the forward.
 
+    Both pairs, ``grasp::hae_forward``/``hae_backward`` (C++) and ``grasp::hae_forward_triton``/
+    ``hae_backward_triton``, share the schemas of csrc/holistic_attention.cpp. The backward saves only
+    the inputs and recomputes the gates.
+    """
+    backward_op = getattr(torch.ops.grasp, backward.split("::")[1])
 
-def _backward(ctx, grad_out: Tensor):
-    user, user_sim, item, item_sim, mask = ctx.saved_tensors
-    grads = torch.ops.grasp.hae_backward(
-        grad_out.contiguous(), user, user_sim, item, item_sim, mask, ctx.softmax
-    )
-    return (*grads, None, None)
-
-
-if _extension.LOADED:
-
-    @torch.library.register_fake("grasp::hae_forward")
-    def _hae_forward_fake(user, user_sim, item, item_sim, mask, softmax):
+    @torch.library.register_fake(forward)
+    def _forward_fake(user, user_sim, item, item_sim, mask, softmax):
         B, L, d = item.shape
         return item.new_empty((B, L, 4 * d))
 
-    @torch.library.register_fake("grasp::hae_backward")
-    def _hae_backward_fake(grad_out, user, user_sim, item, item_sim, mask, softmax):
-        return (torch.empty_like(user), torch.empty_like(user_sim), torch.empty_like(item), torch.empty_like(item_sim))
+    @torch.library.register_fake(backward)
+    def _backward_fake(grad_out, user, user_sim, item, item_sim, mask, softmax):
+        return tuple(t.new_empty(t.shape) for t in (user, user_sim, item, item_sim))
 
-    torch.library.register_autograd("grasp::hae_forward", _backward, setup_context=_setup_context)
+    def setup_context(ctx, inputs, output) -> None:
+        user, user_sim, item, item_sim, mask, softmax = inputs
+        ctx.save_for_backward(user, user_sim, item, item_sim, mask)
+        ctx.softmax = softmax
+
+    def backward_fn(ctx, grad_out: Tensor):
+        grads = backward_op(grad_out.contiguous(), *ctx.saved_tensors, ctx.softmax)
+        return (*grads, None, None)  # no gradient for mask and softmax
+
+    torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+
+
+if _extension.has_op("hae_forward"):
+    register_op_glue("grasp::hae_forward", "grasp::hae_backward")
