@@ -5,8 +5,11 @@ averaging), ``grasp.nn`` the modules built on them. Importing grasp loads the
 compiled extension ``grasp._C`` when it was built.
 """
 
-from grasp import _extension  # noqa: F401  (loads grasp._C first, so its ops exist for grasp.ops)
-from grasp import nn, ops
+from grasp import (
+    _extension,  # noqa: F401  (loads grasp._C first, so its ops exist for grasp.ops)
+    nn,
+    ops,
+)
 
 __version__ = "0.1.0"
 __all__ = ["nn", "ops", "__version__"]

@@ -22,7 +22,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def import_error(module: str) -> str:
     """Import ``module``; return "" on success or the reason it failed."""
     if importlib.util.find_spec(module.split(".")[0]) is None:
