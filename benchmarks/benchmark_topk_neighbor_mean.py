@@ -1,0 +1,163 @@
+"""Benchmark of grasp.ops.topk_neighbor_mean against reference PyTorch and faiss, side by side.
+
+Every method computes the same thing on the same data: for each of the n rows, the mean of its k most
+cosine-similar other rows. faiss is timed with its exact search (`faiss.knn` on CPU, `faiss.knn_gpu`
+on GPU) plus the gather-mean (numpy on CPU, torch on GPU) and the row normalisation, as a user would
+run it. The table shows the median time, the achieved TFLOP/s of the similarity products (2·q·n·D),
+the fraction of the matmul rate measured in the same run, recall@k against the float32 exact result
+(the reference backend, or the first exact method when the reference is skipped) and the largest
+difference of the means from that result.
+
+    python benchmarks/benchmark_topk_neighbor_mean.py                  # device defaults
+    python benchmarks/benchmark_topk_neighbor_mean.py --n 100000 --dim 384 --k 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import append_csv, git_commit, machine_name, markdown_table, median_ms, stamp  # noqa: E402
+
+import grasp  # noqa: E402
+from grasp.ops.knn import backend_reason  # noqa: E402
+
+DEFAULTS = {"cpu": dict(n=[50_000, 100_000], dim=[384]), "cuda": dict(n=[1_000_000], dim=[1536, 4096])}
+
+
+def faiss_baseline(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """faiss exact inner-product search on normalised rows + gather-mean, self excluded."""
+    import faiss
+    import numpy as np
+
+    if x.is_cuda:
+        import importlib
+
+        importlib.import_module("faiss.contrib.torch_utils")
+        xn = torch.nn.functional.normalize(x.float(), dim=1)
+        _, idx = faiss.knn_gpu(faiss.StandardGpuResources(), xn, xn, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
+        idx = idx.long()
+        own = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
+        keep = torch.where((idx == own).any(1, keepdim=True), idx != own, torch.arange(k + 1, device=x.device) < k)
+        idx = idx[keep].view(-1, k)
+        return x[idx].float().mean(1).to(x.dtype), idx
+    xn = x.float().numpy().copy()
+    faiss.normalize_L2(xn)
+    _, idx = faiss.knn(xn, xn, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    own = np.arange(x.shape[0])[:, None]
+    is_self = idx == own
+    keep = np.where(is_self.any(1, keepdims=True), ~is_self, np.arange(k + 1)[None, :] < k)
+    idx = idx[keep].reshape(-1, k)
+    return torch.from_numpy(x.numpy()[idx].mean(1)), torch.from_numpy(idx)
+
+
+def methods(device: str, skip_reference: bool) -> dict[str, Callable]:
+    """Name -> fn(x, k) returning (mean, indices)."""
+    out: dict[str, Callable] = {}
+
+    def grasp_method(backend: str, precision: str) -> Callable:
+        def run(x, k):
+            mean, idx, _ = grasp.ops.topk_neighbor_mean(x, k, backend=backend, precision=precision,
+                                                        return_indices=True)
+            return mean, idx
+
+        return run
+
+    if not skip_reference:
+        out["reference"] = grasp_method("reference", "highest")
+    for backend in ("cpu", "cuda", "triton"):
+        if device == "cpu" and backend == "triton":
+            continue  # the interpreter is a correctness tool, not a timing target
+        if not backend_reason(backend, device):
+            out[backend] = grasp_method(backend, "highest")
+            if device == "cuda":
+                out[f"{backend} fast"] = grasp_method(backend, "fast")
+    if not backend_reason("faiss", device):
+        out["faiss"] = faiss_baseline
+    return out
+
+
+def matmul_tflops(device: str) -> float:
+    """The machine's measured matmul rate: bf16 on GPU, float32 on CPU (the dtype the kernels use)."""
+    size = 8192 if device == "cuda" else 2048
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    ms = median_ms(lambda: a @ b, device, min_time_s=1.0)
+    return 2 * size**3 / (ms * 1e-3) / 1e12
+
+
+def recall(idx: torch.Tensor, truth: torch.Tensor) -> float:
+    idx, truth = idx.cpu(), truth.cpu()
+    hits = torch.zeros((), dtype=torch.int64)
+    for start in range(0, idx.shape[0], 8192):
+        a, b = idx[start : start + 8192], truth[start : start + 8192]
+        hits += (a.unsqueeze(2) == b.unsqueeze(1)).any(2).sum()
+    return hits.item() / truth.numel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--n", type=int, action="append", help="rows (repeatable)")
+    parser.add_argument("--dim", type=int, action="append", help="embedding width D (repeatable)")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
+    parser.add_argument("--skip-reference", action="store_true", help="skip the (slow) reference backend")
+    parser.add_argument("--no-csv", action="store_true")
+    args = parser.parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    ns, dims = args.n or DEFAULTS[device]["n"], args.dim or DEFAULTS[device]["dim"]
+    machine, commit, when = machine_name(device), git_commit(), stamp()
+    rate = matmul_tflops(device)
+    impls = methods(device, args.skip_reference)
+    print(f"# topk_neighbor_mean on {machine} ({device}), commit {commit}, {when}")
+    print(f"# k={args.k}; measured matmul rate {rate:.2f} TFLOP/s; methods: {', '.join(impls)}\n")
+    csv_rows = []
+    for n in ns:
+        for dim in dims:
+            x = torch.randn(n, dim, device=device, generator=torch.Generator(device).manual_seed(0))
+            flops = 2.0 * n * n * dim
+            results = {}
+            for name, fn in impls.items():
+                fn(x[: min(n, 2048)], args.k)  # warm-up: kernels, autotuning, faiss threads
+                times, out = [], None
+                for _ in range(args.repeats):
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    out = fn(x, args.k)
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+                results[name] = (sorted(times)[len(times) // 2] * 1e3, out)
+            truth_name = "reference" if "reference" in results else next(
+                m for m in results if m not in ("faiss",) and not m.endswith("fast"))
+            truth_mean, truth = results[truth_name][1]
+            rows = []
+            for name, (ms, (mean, idx)) in results.items():
+                tflops = flops / (ms * 1e-3) / 1e12
+                mean_err = (mean.float().cpu() - truth_mean.float().cpu()).abs().max().item()
+                rows.append([name, f"{ms / 1e3:.2f}", f"{tflops:.3f}", f"{100 * tflops / rate:.0f}%",
+                             f"{recall(idx, truth):.4f}", f"{mean_err:.1e}", f"{results[truth_name][0] / ms:.2f}x"])
+                csv_rows.append(dict(date=when, commit=commit, machine=machine, device=device, n=n, D=dim, k=args.k,
+                                     method=name, median_ms=f"{ms:.1f}", tflops=f"{tflops:.4f}",
+                                     matmul_tflops=f"{rate:.3f}", recall=f"{recall(idx, truth):.5f}",
+                                     recall_truth=truth_name))
+            print(f"## n={n} D={dim} k={args.k} (recall against {truth_name})")
+            print(markdown_table(["method", "median s", "TFLOP/s", "% of matmul", f"recall@{args.k}",
+                                  "max mean error", f"speed-up vs {truth_name}"], rows))
+            print()
+    if not args.no_csv:
+        print(f"appended {len(csv_rows)} rows to {append_csv('topk_neighbor_mean', csv_rows)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
