@@ -171,6 +171,7 @@ def _fast_search(search, q32: Tensor, db32: Tensor, db_low: Tensor, k: int, star
     return scores, indices, int(redo.numel())
 
 
+@torch.no_grad()
 def topk_neighbor_mean(
     x: Tensor,
     k: int,

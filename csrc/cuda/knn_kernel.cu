@@ -1,0 +1,548 @@
+// CUDA kernels of the top-k neighbour operator (DESIGN.md section 3; schemas in csrc/knn.cpp).
+//
+// knn_search(queries [q, D], db [n, D], k, query_start, exclude_self)
+//   -> scores float32 [q, k] (descending), indices int64 [q, k]; equal scores are
+//      ordered by the smaller index, also when deciding which of them make the top k.
+//
+//   Tiled products. The database is streamed in tiles of NT rows and the queries
+//   in tiles of QT rows; each (query tile, database tile) pair becomes one float32
+//   score block [QT, NT] (at most kTileElems floats), so the q x n matrix never
+//   exists. The block is a cuBLAS GEMM through ATen:
+//     float32        at::mm under at::NoTF32Guard: cuBLAS then runs true fp32
+//                    (TF32 off even if the user enabled it). When torch would route
+//                    fp32 GEMMs elsewhere (cuBLASLt preferred, TunableOp on), paths
+//                    that may ignore the guard, the tiles are multiplied in float64
+//                    and rounded to float32 instead: never TF32.
+//     float16/bf16   at::mm(a, b, out_dtype=float32) (torch >= 2.8): tensor cores
+//                    with float32 accumulation and float32 output, so candidate
+//                    ranking is not spoiled by 16-bit rounding of the scores.
+//                    (float16 only: torch's opt-in allow_fp16_accumulation would
+//                    make cuBLAS accumulate in float16; the wrapper uses bfloat16.)
+//     float64        rows are rounded to float32 first (as the reference does) and
+//                    take the float32 path.
+//
+//   Per-query k-selection. The running top k of every query lives in the output
+//   tensors themselves (sorted best first; empty slots hold the sentinel
+//   (-inf, INT64_MAX), which every real candidate beats). After each score block,
+//   knn_select_kernel merges block rows into them, one warp per query row:
+//     * the warp copies the running list into a shared-memory buffer of
+//       C = 2 * KPAD slots (KPAD = k rounded up to 32, 64, 128 or 256) and takes
+//       the threshold (the current k-th best) from slot k - 1;
+//     * lanes read the row 32 * kUnroll scores at a time (coalesced); a score
+//       enters the buffer only if it beats the threshold in the order
+//       (score desc, index asc) and is not the query's own row; slots are handed
+//       out with a ballot + popc prefix, so the buffer stays dense;
+//     * when the next batch of up to 32 entrants would overflow the buffer, the
+//       warp compacts it: a bitonic sort of all C slots (best first), keeping the
+//       first k and raising the threshold to slot k - 1. After a compaction at
+//       least C - k >= KPAD >= 32 slots are free, so one batch always fits;
+//     * at the end of the row the buffer is sorted once more (if anything entered)
+//       and its first k slots are written back.
+//   The comparison uses the (score, index) pair, so ties are broken by the smaller
+//   index exactly, independently of tile boundaries and of the order entrants
+//   arrive in. k > kMaxWarpK (large k, tiny n) takes a slower exact path on ATen
+//   ops: the running list and the block row are concatenated and stably sorted by
+//   score (running entries hold smaller indices than the block's and are already
+//   in (score desc, index asc) order, so a stable descending sort gives that order).
+//
+// gather_mean(x [n, D], indices [q, k]) -> [q, D] in x's dtype: block (r, column
+//   chunk) sums the k rows x[indices[r, j]] in j order, in at::opmath_type (float,
+//   double for double), with 16-byte loads when D and the pointers allow, and
+//   divides by k. Indices are range-checked on the host (a TORCH_CHECK, not a
+//   device assert that would poison the CUDA context).
+#include <ATen/ATen.h>
+#include <ATen/BlasBackend.h>
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/tunable/Tunable.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+// at::mm(a, b, out_dtype) (float32 output from float16/bfloat16 inputs) exists since torch 2.8.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#define GRASP_HAVE_MM_OUT_DTYPE 1
+#else
+#define GRASP_HAVE_MM_OUT_DTYPE 0
+#endif
+
+namespace grasp {
+namespace {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Selection: warps per block, scores per lane per step, largest k of the warp path.
+constexpr int kSelectWarps = 4;
+constexpr int kSelectThreads = kSelectWarps * 32;
+constexpr int kUnroll = 8;
+constexpr int64_t kMaxWarpK = 256;
+
+// Tiling: queries per tile, bounds on database rows per tile, score-block budget.
+constexpr int64_t kQueryTile = 4096;
+constexpr int64_t kDbTileMin = 16384;
+constexpr int64_t kDbTileMax = int64_t{1} << 20;
+constexpr int64_t kTileElems = int64_t{1} << 26;     // 256 MiB of float32 scores
+constexpr int64_t kConvertElems = int64_t{1} << 26;  // converted database rows (float64 paths)
+constexpr int64_t kFallbackElems = int64_t{1} << 24; // [rows, k + cols] candidates, large-k path
+
+constexpr int64_t kEmptyIndex = std::numeric_limits<int64_t>::max();
+
+// gather_mean: threads per block.
+constexpr int kMeanThreads = 256;
+
+// ---------------------------------------------------------------------------
+// Selection kernel.
+
+// (sa, ia) ranks before (sb, ib): higher score, or equal score and smaller index.
+__device__ __forceinline__ bool better(float sa, int64_t ia, float sb, int64_t ib) {
+  return sa > sb || (sa == sb && ia < ib);
+}
+
+// Sorts the C (a power of two) buffer slots of one warp best first: a bitonic
+// network, each lane doing C / 64 compare-exchanges per stage. Every lane of the
+// warp must call it; it starts and ends with a __syncwarp.
+template <int C>
+__device__ __forceinline__ void warp_sort(float* s, int64_t* idx, int lane) {
+  __syncwarp();
+#pragma unroll 1
+  for (int size = 2; size <= C; size <<= 1) {
+#pragma unroll 1
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+#pragma unroll
+      for (int p = 0; p < C / 64; ++p) {  // C / 2 pairs, 32 per pass
+        const int t = p * 32 + lane;
+        const int lo = 2 * t - (t & (stride - 1));  // pair t: lo has bit `stride` clear
+        const int hi = lo + stride;
+        const float s_lo = s[lo], s_hi = s[hi];
+        const int64_t i_lo = idx[lo], i_hi = idx[hi];
+        // Runs with (lo & size) == 0 are sorted best first, the others worst first;
+        // the last merge (size == C) leaves the whole buffer best first.
+        const bool swap = (lo & size) == 0 ? better(s_hi, i_hi, s_lo, i_lo)
+                                           : better(s_lo, i_lo, s_hi, i_hi);
+        if (swap) {
+          s[lo] = s_hi;
+          s[hi] = s_lo;
+          idx[lo] = i_hi;
+          idx[hi] = i_lo;
+        }
+      }
+      __syncwarp();
+    }
+  }
+}
+
+// Fills the unused slots [count, C) with the sentinel and sorts the buffer; the
+// first k slots are then the top k of everything the buffer held.
+template <int C>
+__device__ __forceinline__ void compact(float* s, int64_t* idx, int count, int lane) {
+  for (int t = count + lane; t < C; t += 32) {
+    s[t] = -INFINITY;
+    idx[t] = kEmptyIndex;
+  }
+  warp_sort<C>(s, idx, lane);
+}
+
+// Merges the score block [rows, cols] (row r = query row r of this tile, column c =
+// database row col0 + c) into the running lists best_s / best_i [rows, k] (sorted
+// best first). One warp per query row; see the file comment.
+template <int KPAD>
+__global__ void __launch_bounds__(kSelectThreads)
+    knn_select_kernel(const float* __restrict__ block, int rows, int cols, int64_t col0,
+                      float* __restrict__ best_s, int64_t* __restrict__ best_i, int k,
+                      int64_t self0, bool exclude_self) {
+  constexpr int C = 2 * KPAD;
+  __shared__ float buf_s[kSelectWarps][C];
+  __shared__ int64_t buf_i[kSelectWarps][C];
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int r = blockIdx.x * kSelectWarps + warp;
+  if (r >= rows) return;  // the whole warp leaves; no block-wide barrier below
+  float* bs = buf_s[warp];
+  int64_t* bi = buf_i[warp];
+  float* out_s = best_s + static_cast<int64_t>(r) * k;
+  int64_t* out_i = best_i + static_cast<int64_t>(r) * k;
+
+  for (int t = lane; t < C; t += 32) {
+    if (t < k) {
+      bs[t] = out_s[t];
+      bi[t] = out_i[t];
+    } else {
+      bs[t] = -INFINITY;
+      bi[t] = kEmptyIndex;
+    }
+  }
+  __syncwarp();
+  float th_s = bs[k - 1];  // threshold: the current k-th best (maybe the sentinel)
+  int64_t th_i = bi[k - 1];
+  int count = k;           // filled slots; the same value in every lane
+
+  const float* row = block + static_cast<int64_t>(r) * cols;
+  const int64_t self = exclude_self ? self0 + r : int64_t{-1};
+  const unsigned below = (1u << lane) - 1u;  // lanes ranked before this one
+
+  for (int base = 0; base < cols; base += 32 * kUnroll) {
+    float v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = base + u * 32 + lane;
+      v[u] = c < cols ? row[c] : -INFINITY;
+    }
+    bool any = false;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = base + u * 32 + lane;
+      const int64_t j = col0 + c;
+      any |= c < cols && j != self && better(v[u], j, th_s, th_i);
+    }
+    if (!__any_sync(kFullMask, any)) continue;  // the common case once the list is good
+
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = base + u * 32 + lane;
+      const int64_t j = col0 + c;
+      const bool take = c < cols && j != self && better(v[u], j, th_s, th_i);
+      const unsigned mask = __ballot_sync(kFullMask, take);
+      if (mask == 0u) continue;
+      const int n_take = __popc(mask);
+      if (count + n_take > C) {
+        // Entrants tested against the old threshold stay valid candidates; the
+        // compaction leaves C - k >= 32 free slots, enough for this batch.
+        compact<C>(bs, bi, count, lane);
+        count = k;
+        th_s = bs[k - 1];
+        th_i = bi[k - 1];
+      }
+      if (take) {
+        const int pos = count + __popc(mask & below);
+        bs[pos] = v[u];
+        bi[pos] = j;
+      }
+      count += n_take;
+    }
+  }
+
+  if (count > k) compact<C>(bs, bi, count, lane);  // else slots [0, k) are unchanged
+  for (int t = lane; t < k; t += 32) {
+    out_s[t] = bs[t];
+    out_i[t] = bi[t];
+  }
+}
+
+template <int KPAD>
+void launch_select(const float* block, int rows, int cols, int64_t col0, float* best_s,
+                   int64_t* best_i, int k, int64_t self0, bool exclude_self,
+                   cudaStream_t stream) {
+  const int blocks = (rows + kSelectWarps - 1) / kSelectWarps;
+  knn_select_kernel<KPAD><<<blocks, kSelectThreads, 0, stream>>>(
+      block, rows, cols, col0, best_s, best_i, k, self0, exclude_self);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Merges a [rows, cols] float32 score block into the running lists of `rows`
+// queries (best_s / best_i point at the first of them).
+void select_block(const at::Tensor& block, int64_t col0, float* best_s, int64_t* best_i,
+                  int64_t k, int64_t self0, bool exclude_self) {
+  const int rows = static_cast<int>(block.size(0));
+  const int cols = static_cast<int>(block.size(1));
+  const float* p = block.data_ptr<float>();
+  const int kk = static_cast<int>(k);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (k <= 32) {
+    launch_select<32>(p, rows, cols, col0, best_s, best_i, kk, self0, exclude_self, stream);
+  } else if (k <= 64) {
+    launch_select<64>(p, rows, cols, col0, best_s, best_i, kk, self0, exclude_self, stream);
+  } else if (k <= 128) {
+    launch_select<128>(p, rows, cols, col0, best_s, best_i, kk, self0, exclude_self, stream);
+  } else {
+    launch_select<256>(p, rows, cols, col0, best_s, best_i, kk, self0, exclude_self, stream);
+  }
+}
+
+// Large-k path (k > kMaxWarpK): the same merge with ATen ops. best_s / best_i are
+// [rows, k] views of the outputs; `block` is a temporary and is modified.
+void select_block_sorted(at::Tensor& block, int64_t col0, at::Tensor& best_s,
+                         at::Tensor& best_i, int64_t self0, bool exclude_self) {
+  const int64_t rows = block.size(0), cols = block.size(1), k = best_s.size(1);
+  if (exclude_self) {
+    // Row r's own column is self0 + r - col0 when that lies in [0, cols): it gets
+    // -inf, below every real (finite) score, so it never reaches the final top k.
+    const int64_t lo = std::max<int64_t>(0, col0 - self0);
+    const int64_t hi = std::min<int64_t>(rows, col0 + cols - self0);
+    if (lo < hi) {
+      const at::Tensor flat =
+          at::arange(lo, hi, best_i.options()) * (cols + 1) + (self0 - col0);
+      block.view({-1}).index_fill_(0, flat, -std::numeric_limits<float>::infinity());
+    }
+  }
+  const at::Tensor cols_idx =
+      at::arange(col0, col0 + cols, best_i.options()).unsqueeze(0).expand({rows, cols});
+  const at::Tensor cand_s = at::cat({best_s, block}, 1);
+  const at::Tensor cand_i = at::cat({best_i, cols_idx}, 1);
+  const auto sorted = at::sort(cand_s, std::optional<bool>(true), /*dim=*/1, /*descending=*/true);
+  const at::Tensor order = std::get<1>(sorted).narrow(1, 0, k);
+  best_s.copy_(std::get<0>(sorted).narrow(1, 0, k));
+  best_i.copy_(cand_i.gather(1, order));
+}
+
+// ---------------------------------------------------------------------------
+// Score blocks.
+
+enum class Gemm {
+  kFloat32,     // float32 operands, cuBLAS fp32 under NoTF32Guard
+  kFloat64,     // float64 operands (float32 values), rounded to float32 afterwards
+  kLowToFloat,  // float16 / bfloat16 operands, float32 output
+};
+
+// Whether a float32 at::mm is sure to run as true fp32 under NoTF32Guard: the
+// guard sets the math mode of torch's cuBLAS handle, so it holds on the default
+// cuBLAS route but not necessarily when torch prefers cuBLASLt or TunableOp picks
+// the kernel.
+bool fp32_gemm_honours_guard() {
+  if (at::globalContext().blasPreferredBackend() == at::BlasBackend::Cublaslt) return false;
+  return !at::cuda::tunable::getTuningContext()->IsTunableOpEnabled();
+}
+
+// Scores [rows, cols] float32 (contiguous) of a [rows, D] and b [cols, D].
+at::Tensor score_block(const at::Tensor& a, const at::Tensor& b, Gemm mode) {
+  if (mode == Gemm::kFloat32) {
+    const at::NoTF32Guard no_tf32;
+    return at::mm(a, b.t()).contiguous();
+  }
+  if (mode == Gemm::kFloat64) return at::mm(a, b.t()).to(at::kFloat).contiguous();
+#if GRASP_HAVE_MM_OUT_DTYPE
+  return at::mm(a, b.t(), at::kFloat).contiguous();
+#else
+  TORCH_CHECK(false, "knn_search (CUDA): float32-output GEMMs of 16-bit inputs need torch >= 2.8");
+  return at::Tensor();
+#endif
+}
+
+// How the score blocks of `dtype` inputs are computed.
+Gemm gemm_mode(at::ScalarType dtype) {
+  if ((dtype == at::kHalf || dtype == at::kBFloat16) && GRASP_HAVE_MM_OUT_DTYPE) {
+    return Gemm::kLowToFloat;
+  }
+  // float32, float64 (rounded to float32 first), and 16-bit inputs on torch < 2.8
+  // (widened to float32: exact products, slower).
+  return fp32_gemm_honours_guard() ? Gemm::kFloat32 : Gemm::kFloat64;
+}
+
+// The operand for `mode` from input rows t (a view of queries or db).
+at::Tensor gemm_operand(const at::Tensor& t, Gemm mode) {
+  if (mode == Gemm::kLowToFloat) return t;
+  at::Tensor f = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+  return mode == Gemm::kFloat64 ? f.to(at::kDouble) : f;
+}
+
+// ---------------------------------------------------------------------------
+// knn_search.
+
+void check_search_inputs(const at::Tensor& queries, const at::Tensor& db, int64_t k,
+                         int64_t query_start, bool exclude_self) {
+  TORCH_CHECK(queries.is_cuda(), "knn_search (CUDA): queries must be a CUDA tensor, got device ",
+              queries.device());
+  TORCH_CHECK(db.device() == queries.device(), "knn_search (CUDA): db is on ", db.device(),
+              " but queries is on ", queries.device());
+  const auto dtype = queries.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              "knn_search (CUDA): queries must be float32, float64, float16 or bfloat16, got ",
+              dtype);
+  TORCH_CHECK(db.scalar_type() == dtype, "knn_search (CUDA): db has dtype ", db.scalar_type(),
+              " but queries has dtype ", dtype);
+  TORCH_CHECK(queries.dim() == 2, "knn_search (CUDA): queries must be [q, D], got shape ",
+              queries.sizes());
+  TORCH_CHECK(db.dim() == 2, "knn_search (CUDA): db must be [n, D], got shape ", db.sizes());
+  TORCH_CHECK(db.size(1) == queries.size(1), "knn_search (CUDA): db has D = ", db.size(1),
+              " but queries has D = ", queries.size(1));
+  TORCH_CHECK(queries.is_contiguous(), "knn_search (CUDA): queries must be contiguous");
+  TORCH_CHECK(db.is_contiguous(), "knn_search (CUDA): db must be contiguous");
+  TORCH_CHECK(query_start >= 0, "knn_search (CUDA): query_start must be >= 0, got ",
+              query_start);
+  const int64_t n = db.size(0);
+  // Query row 0 excludes row query_start; later rows exclude later rows.
+  const int64_t available = n - ((exclude_self && query_start < n) ? 1 : 0);
+  TORCH_CHECK(k >= 1 && k <= available, "knn_search (CUDA): k must be in [1, ", available,
+              "] for n = ", n, exclude_self ? " with self excluded" : "", ", got k = ", k);
+  TORCH_CHECK(query_start <= std::numeric_limits<int64_t>::max() - queries.size(0),
+              "knn_search (CUDA): query_start ", query_start, " is too large");
+}
+
+std::tuple<at::Tensor, at::Tensor> knn_search_cuda(const at::Tensor& queries,
+                                                    const at::Tensor& db, int64_t k,
+                                                    int64_t query_start, bool exclude_self) {
+  check_search_inputs(queries, db, k, query_start, exclude_self);
+  const c10::cuda::CUDAGuard guard(queries.device());
+  const int64_t q = queries.size(0), n = db.size(0), D = queries.size(1);
+  const auto opts = queries.options();
+  // Running lists = outputs, initialised to the sentinel (-inf, INT64_MAX).
+  at::Tensor scores = at::full({q, k}, -std::numeric_limits<float>::infinity(),
+                               opts.dtype(at::kFloat));
+  at::Tensor indices = at::full({q, k}, kEmptyIndex, opts.dtype(at::kLong));
+  if (q == 0) return {scores, indices};
+
+  const Gemm mode = gemm_mode(queries.scalar_type());
+  // Whether database tiles are copied (float64 inputs, 16-bit inputs widened, float64 GEMMs).
+  const bool converts =
+      mode == Gemm::kFloat64 || (mode == Gemm::kFloat32 && queries.scalar_type() != at::kFloat);
+  const bool warp_path = k <= kMaxWarpK;
+
+  // Tile sizes: QT x NT float32 scores per block (kTileElems), NT at least
+  // kDbTileMin so small query counts still get long GEMMs, converted database
+  // tiles bounded by kConvertElems; the large-k path bounds QT x (k + NT).
+  int64_t qt, nt;
+  if (warp_path) {
+    qt = std::min(q, kQueryTile);
+    nt = std::clamp(kTileElems / qt, kDbTileMin, kDbTileMax);
+  } else {
+    nt = kDbTileMin;
+    qt = std::clamp(kFallbackElems / (k + nt), int64_t{1}, q);
+  }
+  if (converts) {
+    nt = std::min(nt, std::max<int64_t>(256, kConvertElems / std::max<int64_t>(D, 1)));
+  }
+  nt = std::min(nt, n);
+
+  const at::Tensor q_op = gemm_operand(queries, mode);  // O(q D) when converted
+  float* best_s = scores.data_ptr<float>();
+  int64_t* best_i = indices.data_ptr<int64_t>();
+  for (int64_t c0 = 0; c0 < n; c0 += nt) {
+    const int64_t cols = std::min(nt, n - c0);
+    const at::Tensor db_op = gemm_operand(db.narrow(0, c0, cols), mode);
+    for (int64_t r0 = 0; r0 < q; r0 += qt) {
+      const int64_t rows = std::min(qt, q - r0);
+      at::Tensor block = score_block(q_op.narrow(0, r0, rows), db_op, mode);
+      if (warp_path) {
+        select_block(block, c0, best_s + r0 * k, best_i + r0 * k, k, query_start + r0,
+                     exclude_self);
+      } else {
+        at::Tensor s = scores.narrow(0, r0, rows);
+        at::Tensor i = indices.narrow(0, r0, rows);
+        select_block_sorted(block, c0, s, i, query_start + r0, exclude_self);
+      }
+    }
+  }
+  return {scores, indices};
+}
+
+// ---------------------------------------------------------------------------
+// gather_mean.
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <int VEC, typename T, typename acc_t>
+__device__ __forceinline__ void add_row(const T* p, acc_t (&acc)[VEC]) {
+  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) acc[e] += static_cast<acc_t>(pk.v[e]);
+}
+
+// Block (r, y) covers the VEC-wide column chunks y * blockDim + tid, stepping by
+// gridDim.y * blockDim, of output row r. Rows are added in j order.
+template <typename T, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kMeanThreads)
+    gather_mean_kernel(const T* __restrict__ x, const int64_t* __restrict__ indices,
+                       T* __restrict__ out, int64_t D, int64_t k) {
+  const int64_t r = blockIdx.x;
+  const int64_t chunks = D / VEC;
+  const int64_t* idx = indices + r * k;
+  for (int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; c < chunks;
+       c += static_cast<int64_t>(gridDim.y) * blockDim.x) {
+    const int64_t col = c * VEC;
+    acc_t acc[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[e] = acc_t(0);
+    int64_t j = 0;
+    for (; j + 4 <= k; j += 4) {  // four independent row loads in flight
+      const int64_t s0 = idx[j], s1 = idx[j + 1], s2 = idx[j + 2], s3 = idx[j + 3];
+      add_row<VEC>(x + s0 * D + col, acc);
+      add_row<VEC>(x + s1 * D + col, acc);
+      add_row<VEC>(x + s2 * D + col, acc);
+      add_row<VEC>(x + s3 * D + col, acc);
+    }
+    for (; j < k; ++j) add_row<VEC>(x + idx[j] * D + col, acc);
+    Pack<T, VEC> pk;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) pk.v[e] = static_cast<T>(acc[e] / static_cast<acc_t>(k));
+    *reinterpret_cast<Pack<T, VEC>*>(out + r * D + col) = pk;
+  }
+}
+
+template <typename T, typename acc_t, int VEC>
+void launch_gather_mean(const T* x, const int64_t* idx, T* out, int64_t q, int64_t D, int64_t k) {
+  const int64_t chunks = D / VEC;
+  const int64_t ys = std::min<int64_t>((chunks + kMeanThreads - 1) / kMeanThreads, 65535);
+  const dim3 grid(static_cast<unsigned>(q), static_cast<unsigned>(ys));
+  gather_mean_kernel<T, acc_t, VEC>
+      <<<grid, kMeanThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(x, idx, out, D, k);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor gather_mean_cuda(const at::Tensor& x, const at::Tensor& indices) {
+  TORCH_CHECK(x.is_cuda(), "gather_mean (CUDA): x must be a CUDA tensor, got device ",
+              x.device());
+  TORCH_CHECK(indices.device() == x.device(), "gather_mean (CUDA): indices is on ",
+              indices.device(), " but x is on ", x.device());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              "gather_mean (CUDA): x must be float32, float64, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(x.dim() == 2, "gather_mean (CUDA): x must be [n, D], got shape ", x.sizes());
+  TORCH_CHECK(indices.scalar_type() == at::kLong, "gather_mean (CUDA): indices must be int64, got ",
+              indices.scalar_type());
+  TORCH_CHECK(indices.dim() == 2, "gather_mean (CUDA): indices must be [q, k], got shape ",
+              indices.sizes());
+  TORCH_CHECK(x.is_contiguous(), "gather_mean (CUDA): x must be contiguous");
+  TORCH_CHECK(indices.is_contiguous(), "gather_mean (CUDA): indices must be contiguous");
+  const int64_t n = x.size(0), D = x.size(1), q = indices.size(0), k = indices.size(1);
+  TORCH_CHECK(q <= std::numeric_limits<int32_t>::max(), "gather_mean (CUDA): q = ", q,
+              " is too large");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty({q, D}, x.options());
+  if (q == 0 || D == 0) return out;
+  if (indices.numel() > 0) {
+    const auto [lo, hi] = at::aminmax(indices);
+    const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+    TORCH_CHECK(lo_v >= 0 && hi_v < n, "gather_mean (CUDA): indices must lie in [0, ", n,
+                "), got values in [", lo_v, ", ", hi_v, "]");
+  }
+  // k == 0 gives 0 / 0 = NaN rows, like the mean of an empty set in torch.
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gather_mean_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const int64_t* ip = indices.data_ptr<int64_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    // 16-byte accesses when every row starts 16-byte aligned.
+    const bool vec = D % kVec == 0 && reinterpret_cast<uintptr_t>(xp) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(op) % 16 == 0;
+    if (vec) {
+      launch_gather_mean<scalar_t, acc_t, kVec>(xp, ip, op, q, D, k);
+    } else {
+      launch_gather_mean<scalar_t, acc_t, 1>(xp, ip, op, q, D, k);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace grasp
+
+TORCH_LIBRARY_IMPL(grasp, CUDA, m) {
+  m.impl("knn_search", &grasp::knn_search_cuda);
+  m.impl("gather_mean", &grasp::gather_mean_cuda);
+}
