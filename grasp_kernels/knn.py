@@ -298,6 +298,8 @@ def knn_search(queries: Tensor, db: Tensor, k: int, query_start: int, exclude_se
     """
     if queries.dtype not in _SEARCH_DTYPES:
         raise TypeError(f"knn_search Triton kernel takes float32, float16 or bfloat16, not {queries.dtype}")
+    if not (queries.is_contiguous() and db.is_contiguous()):
+        raise ValueError("knn_search Triton kernel: queries and db must be contiguous (rows of D values)")
     q, D = queries.shape
     n = db.shape[0]
     if n >= 2**31 - 1:

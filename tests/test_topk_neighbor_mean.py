@@ -125,7 +125,7 @@ def test_query_slices_and_blocks_match_the_whole(device, backend):
     x = torch.randn(n, 16, device=device)
     whole_mean, whole_idx, _ = grasp.ops.topk_neighbor_mean(x, 4, return_indices=True, backend=backend)
     part_mean, part_idx, _ = grasp.ops.topk_neighbor_mean(
-        x, 4, queries=x[37:71], query_start=37, return_indices=True, backend=backend
+        x, 4, queries=x[37:71], query_start=37, exclude_self=True, return_indices=True, backend=backend
     )
     assert torch.equal(part_idx, whole_idx[37:71])
     torch.testing.assert_close(part_mean, whole_mean[37:71])
@@ -136,13 +136,54 @@ def test_query_slices_and_blocks_match_the_whole(device, backend):
     assert seen[-1] == (n, n) and len(seen) == -(-n // 7)
 
 
-def test_external_queries_without_self_exclusion():
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_non_contiguous_database(device, backend):
+    x = torch.randn(24, 70, device=device).t()  # [70, 24] view with strides (1, 70)
+    assert not x.is_contiguous()
+    for metric in ("cosine", "ip"):
+        mean, idx, scores = grasp.ops.topk_neighbor_mean(x, 4, metric=metric, return_indices=True, backend=backend)
+        check_against_brute_force(x, 4, mean, idx, scores, metric=metric, exact_ties=False)
+
+
+def test_rows_of_extreme_magnitude_under_cosine():
+    x = torch.randn(50, 8)
+    x[3] *= 1e20  # its float32 squared norm would overflow
+    x[4] *= 1e-25  # and this one would underflow to a false "zero norm"
+    mean, idx, scores = grasp.ops.topk_neighbor_mean(x, 3, return_indices=True, backend="reference")
+    check_against_brute_force(x, 3, mean, idx, scores, exact_ties=False)
+
+
+def test_external_queries_default_to_no_self_exclusion():
     x, queries = torch.randn(200, 8), torch.randn(13, 8)
-    mean, idx, scores = grasp.ops.topk_neighbor_mean(x, 6, queries=queries, exclude_self=False, return_indices=True)
+    mean, idx, scores = grasp.ops.topk_neighbor_mean(x, 6, queries=queries, return_indices=True)
     qn, xn = queries / queries.norm(dim=1, keepdim=True), x / x.norm(dim=1, keepdim=True)
     truth, truth_idx = (qn.double() @ xn.double().T).sort(dim=1, descending=True, stable=True)
     torch.testing.assert_close(scores.double(), truth[:, :6], atol=TOL, rtol=0)
     torch.testing.assert_close(mean, x[idx].mean(1))
+
+
+def test_fast_search_proof_and_redo_on_cpu():
+    """The fast path's candidate pass, rescoring, proof and float32 re-search, driven on CPU with the
+    reference search over bfloat16 copies (what a GPU backend does with its bf16 kernel)."""
+    torch.manual_seed(3)
+    centers = torch.randn(10, 48)
+    # Tight clusters larger than the candidate list: scores within bfloat16 error, so proofs fail.
+    x = centers.repeat_interleave(150, 0) + 1e-3 * torch.randn(1500, 48)
+    x[7] = x[11]  # and an exact tie
+    db32 = x / x.norm(dim=1, keepdim=True)
+    bound = db32.norm(dim=1) * db32.norm(dim=1).max()
+    search = knn._search_fn("reference")
+    for k in (1, 10):
+        want_s, want_i = search(db32, db32, k, 0, True)
+        s, i, redone = knn._fast_search(search, db32, db32, db32.bfloat16(), k, 0, True, bound)
+        assert redone > 0, "near-tie data must make some proofs fail"
+        torch.testing.assert_close(s, want_s, atol=TOL, rtol=0)
+        agree = (i.unsqueeze(2) == want_i.unsqueeze(1)).any(2).float().mean().item()
+        assert agree > 0.999, f"fast/highest neighbour agreement {agree}"
+        # query_start: a slice of the rows searched on its own excludes the right self rows
+        s2, i2, _ = knn._fast_search(search, db32[300:420], db32, db32.bfloat16(), k, 300, True, bound[300:420])
+        assert not (i2 == torch.arange(300, 420).unsqueeze(1)).any()
+        torch.testing.assert_close(s2, want_s[300:420], atol=TOL, rtol=0)
 
 
 def test_fast_precision_equals_highest():
@@ -174,12 +215,14 @@ def test_fast_precision_equals_highest():
         (lambda x: grasp.ops.topk_neighbor_mean(x[0], 1), ValueError, r"x must be \[n, D\]"),
         (lambda x: grasp.ops.topk_neighbor_mean(x, 2, metric="l2"), ValueError, r"metric must be"),
         (lambda x: grasp.ops.topk_neighbor_mean(x, 2, precision="low"), ValueError, r"precision must be"),
-        (lambda x: grasp.ops.topk_neighbor_mean(x, 2, queries=x[:8], query_start=5), ValueError,
+        (lambda x: grasp.ops.topk_neighbor_mean(x, 2, queries=x[:8], query_start=5, exclude_self=True), ValueError,
          r"query_start \+ q = 13 > n = 10"),
         (lambda x: grasp.ops.topk_neighbor_mean(x, 2, backend="tpu"), ValueError, r"unknown backend 'tpu'"),
+        (lambda x: grasp.ops.topk_neighbor_mean(x, 2, query_start=5), ValueError, r"query_start \+ q = 15 > n = 10"),
+        (lambda x: grasp.ops.topk_neighbor_mean(x, 2, block_size=-4), ValueError, r"block_size must be an int >= 1"),
     ],
     ids=["k0", "k_gt_n-1", "k_gt_n", "k_float", "D_mismatch", "int", "empty_n", "empty_D", "rank", "metric",
-         "precision", "query_range", "backend"],
+         "precision", "query_range", "backend", "query_start_self", "block_size"],
 )
 def test_bad_arguments(call, exc, pattern):
     with pytest.raises(exc, match=pattern):
@@ -214,7 +257,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     queries = x[:q]
     grasp.ops.topk_neighbor_mean(x[:1000], 10, backend=backend)  # warm up allocators and kernels
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    grasp.ops.topk_neighbor_mean(x, 10, queries=queries, backend=backend)
+    grasp.ops.topk_neighbor_mean(x, 10, queries=queries, exclude_self=True, backend=backend)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"growth_kib": after - before}))
 """)

@@ -9,6 +9,7 @@ boundary is faiss's choice.
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import faiss
@@ -19,18 +20,25 @@ from torch import Tensor
 from grasp.ops._knn_reference import drop_own, order_by_score
 
 
-def _has_gpu() -> bool:
+def has_gpu() -> bool:
+    """Whether this faiss build can search on a GPU."""
     return hasattr(faiss, "knn_gpu") and faiss.get_num_gpus() > 0
+
+
+@functools.cache
+def _gpu_resources(device: int) -> faiss.StandardGpuResources:
+    """One set of faiss GPU resources per device, reused across calls and blocks."""
+    return faiss.StandardGpuResources()
 
 
 def _raw_search(queries: Tensor, db: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if queries.is_cuda:
-        if not _has_gpu():
+        if not has_gpu():
             raise RuntimeError("topk_neighbor_mean: the installed faiss has no GPU support; install a faiss "
                                "GPU build (grasp[gpu]) or move the tensors to the CPU")
         importlib.import_module("faiss.contrib.torch_utils")  # lets faiss.knn_gpu take torch tensors
 
-        res = faiss.StandardGpuResources()
+        res = _gpu_resources(queries.device.index or 0)
         scores, idx = faiss.knn_gpu(res, queries, db, k, metric=faiss.METRIC_INNER_PRODUCT)
         return scores.float(), idx.long()
     q = np.ascontiguousarray(queries.float().numpy())

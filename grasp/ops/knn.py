@@ -44,13 +44,23 @@ def backend_reason(backend: str, device_type: str) -> str:
     if backend == "triton":
         return _backends.triton_reason(device_type, _KERNEL_MODULE)
     if backend == "faiss":
-        return _backends.import_error("faiss")
+        why = _backends.import_error("faiss")
+        if not why and device_type == "cuda":
+            from grasp.ops._knn_faiss import has_gpu
+
+            why = "" if has_gpu() else "the installed faiss has no GPU support (install a faiss GPU build)"
+        return why
     return f"{backend!r} is not a backend of topk_neighbor_mean"
 
 
 def fast_margin(k: int) -> int:
-    """Extra candidates the fast pass keeps beyond k (before exact rescoring)."""
-    return max(16, k)
+    """Extra candidates the fast pass keeps beyond k (before exact rescoring).
+
+    The proof below fails for a query when bfloat16 error could reorder its k-th neighbour and the
+    last candidate; the wider the list, the larger that gap. With fewer than ~64 candidates most
+    queries of unit-norm 1536-d data need a float32 re-search; with 64 or more almost none do.
+    """
+    return max(64, 3 * k)
 
 
 def _unit_roundoff(dtype: torch.dtype) -> float:
@@ -97,6 +107,24 @@ def _check(x: Tensor, k: int, queries: Tensor | None, exclude_self: bool, metric
         raise ValueError(f"topk_neighbor_mean: query_start must be >= 0, got {query_start}")
 
 
+def _validate(x: Tensor, k: int, queries: Tensor | None, exclude_self: bool, metric: str, precision: str,
+              query_start: int, block_size: int | None) -> None:
+    """Every argument check of topk_neighbor_mean, on the whole inputs."""
+    _check(x, k, queries, exclude_self, metric, precision, query_start)
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"topk_neighbor_mean: block_size must be an int >= 1 or None, got {block_size!r}")
+    _finite_rows(x, "x")
+    q = x.shape[0] if queries is None else queries.shape[0]
+    if queries is not None and queries is not x:
+        _finite_rows(queries, "queries")
+    if exclude_self and query_start + q > x.shape[0]:
+        raise ValueError(
+            f"topk_neighbor_mean: with exclude_self, query row r is row query_start + r of x, but "
+            f"query_start + q = {query_start + q} > n = {x.shape[0]}; pass exclude_self=False for queries "
+            "that are not rows of x"
+        )
+
+
 def _finite_rows(t: Tensor, name: str) -> None:
     bad = ~torch.isfinite(t).all(dim=1)
     if bad.any():
@@ -106,15 +134,18 @@ def _finite_rows(t: Tensor, name: str) -> None:
 
 
 def _normalised(t: Tensor, name: str) -> Tensor:
-    """float32 copy of ``t`` with unit rows; zero rows are an error (cosine is undefined there)."""
-    t32 = t.float()
-    norms = torch.linalg.vector_norm(t32, dim=1, keepdim=True)
+    """Contiguous float32 copy of ``t`` with unit rows; zero rows are an error (cosine is undefined there).
+
+    Norms are taken in float64, so rows of very large or very small magnitude neither overflow nor
+    underflow to a wrong zero.
+    """
+    norms = torch.linalg.vector_norm(t, dim=1, keepdim=True, dtype=torch.float64)
     zero = norms.squeeze(1) == 0
     if zero.any():
         row = int(zero.nonzero()[0, 0])
         raise ValueError(f"topk_neighbor_mean: {name} row {row} has zero norm, so its cosine similarity is "
                          f"undefined ({int(zero.sum())} zero rows in all); drop them or use metric='ip'")
-    return t32 / norms
+    return (t / norms).to(torch.float32).contiguous()
 
 
 def _search_fn(backend: str) -> Callable[..., tuple[Tensor, Tensor]]:
@@ -145,8 +176,9 @@ def _fast_search(search, q32: Tensor, db32: Tensor, db_low: Tensor, k: int, star
                  bound_scale: Tensor) -> tuple[Tensor, Tensor, int]:
     """Candidates from the reduced-precision copies, exact rescoring, and a per-query proof.
 
-    A dot product of rows rounded to unit roundoff u (accumulated in float32 over D terms) is off by
-    at most eps = ((2u + u^2) + D * 2^-24) * |q| * max|x|. Every row outside the candidate list has an
+    A dot product of rows rounded to unit roundoff u (accumulated in float32 over D terms, with
+    truncating tensor-core accumulation allowed for) is off by at most
+    eps = (2u + u^2 + D * 2^-23 * (1 + u)^2) * |q| * max|x|. Every row outside the candidate list has an
     approximate score <= c_last, so its exact score is <= c_last + eps: when the k-th exact score
     beats c_last + eps the top-k is proven. Queries without the proof are searched again in float32.
     Returns (scores, indices, number of queries searched again).
@@ -154,12 +186,13 @@ def _fast_search(search, q32: Tensor, db32: Tensor, db_low: Tensor, k: int, star
     n = db32.shape[0]
     width = min(k + fast_margin(k), n - (1 if excl else 0))
     approx, cand = search(q32.to(db_low.dtype), db_low, width, start, excl)
-    exact, cand = order_by_score(torch.einsum("qd,qcd->qc", q32, db32[cand]), cand)  # float32 rescoring
+    # float32 rescoring, elementwise so that no TF32 matmul setting can reach it.
+    exact, cand = order_by_score((q32.unsqueeze(1) * db32[cand]).sum(-1), cand)
     scores, indices = exact[:, :k].contiguous(), cand[:, :k].contiguous()
     if width == n - (1 if excl else 0):
         return scores, indices, 0  # every row was a candidate: nothing can be missing
     u = _unit_roundoff(db_low.dtype)
-    eps = ((2 * u + u * u) + db32.shape[1] * 2.0**-24) * bound_scale
+    eps = (2 * u + u * u + db32.shape[1] * 2.0**-23 * (1 + u) ** 2) * bound_scale
     unproven = ~(scores[:, -1] > approx[:, -1] + eps)
     redo = unproven.nonzero().squeeze(1)
     if redo.numel():
@@ -177,7 +210,7 @@ def topk_neighbor_mean(
     k: int,
     *,
     queries: Tensor | None = None,
-    exclude_self: bool = True,
+    exclude_self: bool | None = None,
     metric: str = "cosine",
     return_indices: bool = False,
     precision: str = "highest",
@@ -192,8 +225,9 @@ def topk_neighbor_mean(
         x: ``[n, D]`` database (float32, float16, bfloat16 or float64), any device.
         k: neighbours per query, ``1 <= k <= n - 1`` with self excluded (``<= n`` otherwise).
         queries: ``[q, D]``; default ``x`` itself.
-        exclude_self: query row r never selects row ``query_start + r`` of x (its own row when the
-            queries are x or a slice of it).
+        exclude_self: query row r never selects row ``query_start + r`` of x. Default: True when the
+            queries are x itself (``queries`` None or ``x``), False for other queries; pass True for a
+            slice of x together with its ``query_start``.
         metric: ``"cosine"`` (rows L2-normalised first; zero rows are an error) or ``"ip"``.
         return_indices: also return the neighbour indices and their similarity scores.
         precision: ``"highest"`` searches with float32 dot products. ``"fast"`` searches bfloat16
@@ -205,7 +239,7 @@ def topk_neighbor_mean(
             fastest available (``GRASP_BACKEND`` overrides that choice).
         query_start: index in x of the first query row (for self exclusion when ``queries`` is a slice
             of x, e.g. in a sharded run).
-        block_size: queries per block (default: bounded by ``BLOCK_BYTES`` of temporaries).
+        block_size: queries per block, >= 1 (default: bounded by ``BLOCK_BYTES`` of temporaries).
         progress: True for a progress bar, or a callable ``(done, total)`` called after each block.
 
     Returns:
@@ -219,24 +253,18 @@ def topk_neighbor_mean(
         >>> mean.shape, idx.shape
         (torch.Size([1000, 64]), torch.Size([1000, 10]))
     """
-    _check(x, k, queries, exclude_self, metric, precision, query_start)
-    _finite_rows(x, "x")
-    if queries is not None and queries is not x:
-        _finite_rows(queries, "queries")
-        if exclude_self and query_start + queries.shape[0] > x.shape[0]:
-            raise ValueError(
-                f"topk_neighbor_mean: with exclude_self, query row r is row query_start + r of x, but "
-                f"query_start + q = {query_start + queries.shape[0]} > n = {x.shape[0]}; pass exclude_self=False "
-                "for queries that are not rows of x"
-            )
+    self_queries = queries is None or queries is x
+    if exclude_self is None:
+        exclude_self = self_queries
+    _validate(x, k, queries, exclude_self, metric, precision, query_start, block_size)
     name = _backends.choose("topk_neighbor_mean", backend, x.device.type, AUTO_ORDER, backend_reason)
     search, gather_mean = _search_fn(name), _gather_mean_fn(name)
 
-    db32 = _normalised(x, "x") if metric == "cosine" else x.float()
-    if queries is None or queries is x:
+    db32 = _normalised(x, "x") if metric == "cosine" else x.float().contiguous()
+    if self_queries:
         q32 = db32
     else:
-        q32 = _normalised(queries, "queries") if metric == "cosine" else queries.float()
+        q32 = _normalised(queries, "queries") if metric == "cosine" else queries.float().contiguous()
     fast = precision == "fast" and x.device.type == "cuda"
     db_low = db32.bfloat16() if fast else None
     if fast:
@@ -244,7 +272,7 @@ def topk_neighbor_mean(
         q_norms = torch.linalg.vector_norm(q32, dim=1)
 
     nq, n, D = q32.shape[0], db32.shape[0], db32.shape[1]
-    per_query = 4 * (min(n, 8192) + (k + fast_margin(k)) * D) + 8 * k
+    per_query = 4 * (min(n, 8192) + ((k + fast_margin(k)) * D if fast else 0)) + 8 * k
     block = block_size or max(1, min(nq, BLOCK_BYTES // per_query))
     x_rows = x.contiguous()
     mean = torch.empty(nq, D, dtype=x.dtype, device=x.device)
@@ -314,13 +342,21 @@ def topk_neighbor_mean_distributed(
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     all_queries = x if queries is None else queries
     total = all_queries.shape[0]
+    query_start = kwargs.pop("query_start", 0)
+    exclude_self = kwargs.pop("exclude_self", None)
+    if exclude_self is None:
+        exclude_self = queries is None or queries is x
+    # Validate the whole inputs on every rank, so that all ranks raise together instead of one rank
+    # failing on its slice while the others wait in all_gather.
+    _validate(x, k, queries, exclude_self, kwargs.get("metric", "cosine"), kwargs.get("precision", "highest"),
+              query_start, kwargs.get("block_size"))
     per_rank = -(-total // world)
     lo, hi = min(total, rank * per_rank), min(total, (rank + 1) * per_rank)
-    query_start = kwargs.pop("query_start", 0)
     D = x.shape[1]
     if hi > lo:
         mean, indices, scores = topk_neighbor_mean(
-            x, k, queries=all_queries[lo:hi], query_start=query_start + lo, return_indices=True, **kwargs
+            x, k, queries=all_queries[lo:hi], query_start=query_start + lo, exclude_self=exclude_self,
+            return_indices=True, **kwargs
         )
     else:  # more ranks than queries: this rank only takes part in the gather
         mean = x.new_empty(0, D)
