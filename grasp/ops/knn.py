@@ -56,9 +56,10 @@ def backend_reason(backend: str, device_type: str) -> str:
 def fast_margin(k: int) -> int:
     """Extra candidates the fast pass keeps beyond k (before exact rescoring).
 
-    The proof below fails for a query when bfloat16 error could reorder its k-th neighbour and the
-    last candidate; the wider the list, the larger that gap. With fewer than ~64 candidates most
-    queries of unit-norm 1536-d data need a float32 re-search; with 64 or more almost none do.
+    The proof in _fast_search fails for a query when bfloat16 error could reorder its k-th neighbour
+    and the last candidate; the wider the list, the larger that gap. The error bound is large next to
+    the score gaps of high-dimensional unit vectors, so a short list would send most queries to the
+    float32 re-search.
     """
     return max(64, 3 * k)
 
