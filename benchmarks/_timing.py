@@ -77,6 +77,12 @@ def append_csv(name: str, rows: Sequence[dict]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.csv"
     new = not path.exists()
+    if not new:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != list(rows[0]):
+            raise ValueError(f"{path}: its columns {header} differ from this benchmark's {list(rows[0])}; "
+                             "move the old file aside")
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         if new:
