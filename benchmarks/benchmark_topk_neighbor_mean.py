@@ -26,35 +26,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import append_csv, git_commit, machine_name, markdown_table, median_ms, stamp  # noqa: E402
 
 import grasp  # noqa: E402
+from grasp.ops._knn_reference import drop_own  # noqa: E402
 from grasp.ops.knn import backend_reason  # noqa: E402
 
 DEFAULTS = {"cpu": dict(n=[50_000, 100_000], dim=[384]), "cuda": dict(n=[1_000_000], dim=[1536, 4096])}
 
 
 def faiss_baseline(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """faiss exact inner-product search on normalised rows + gather-mean, self excluded."""
+    """faiss exact inner-product search on normalised rows + gather-mean (numpy on CPU), self excluded."""
     import faiss
-    import numpy as np
 
+    from grasp.ops._knn_faiss import _gpu_resources
+
+    own = torch.arange(x.shape[0], device=x.device)
     if x.is_cuda:
         import importlib
 
         importlib.import_module("faiss.contrib.torch_utils")
         xn = torch.nn.functional.normalize(x.float(), dim=1)
-        _, idx = faiss.knn_gpu(faiss.StandardGpuResources(), xn, xn, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
-        idx = idx.long()
-        own = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
-        keep = torch.where((idx == own).any(1, keepdim=True), idx != own, torch.arange(k + 1, device=x.device) < k)
-        idx = idx[keep].view(-1, k)
+        scores, idx = faiss.knn_gpu(_gpu_resources(x.device.index or 0), xn, xn, k + 1,
+                                    metric=faiss.METRIC_INNER_PRODUCT)
+        _, idx = drop_own(scores, idx.long(), own, k)
         return x[idx].float().mean(1).to(x.dtype), idx
     xn = x.float().numpy().copy()
     faiss.normalize_L2(xn)
-    _, idx = faiss.knn(xn, xn, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
-    own = np.arange(x.shape[0])[:, None]
-    is_self = idx == own
-    keep = np.where(is_self.any(1, keepdims=True), ~is_self, np.arange(k + 1)[None, :] < k)
-    idx = idx[keep].reshape(-1, k)
-    return torch.from_numpy(x.numpy()[idx].mean(1)), torch.from_numpy(idx)
+    scores, idx = faiss.knn(xn, xn, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    _, idx = drop_own(torch.from_numpy(scores), torch.from_numpy(idx), own, k)
+    return torch.from_numpy(x.numpy()[idx.numpy()].mean(1)), idx
 
 
 def methods(device: str, skip_reference: bool) -> dict[str, Callable]:

@@ -14,6 +14,8 @@ import importlib.util
 import os
 from collections.abc import Callable, Sequence
 
+from grasp import _extension
+
 BACKENDS = ("reference", "cpu", "cuda", "triton", "faiss")
 
 
@@ -41,6 +43,13 @@ def triton_reason(device_type: str, kernel_module: str) -> str:
     if device_type not in ("cpu", "cuda"):
         return f"Triton kernels run on CUDA tensors, not {device_type}"
     return import_error(kernel_module)
+
+
+def extension_reason(backend: str, device_type: str, op: str) -> str:
+    """Why the compiled ``cpu``/``cuda`` kernel of ``grasp::op`` cannot run on ``device_type`` ("" if it can)."""
+    if device_type != backend:
+        return f"the {backend} backend runs {backend} tensors only"
+    return _extension.missing_reason(op, backend.upper())
 
 
 def choose(

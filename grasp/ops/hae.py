@@ -31,9 +31,7 @@ def backend_reason(backend: str, device_type: str, dtype: torch.dtype | None = N
     if backend == "reference":
         return ""
     if backend in ("cpu", "cuda"):
-        if device_type != backend:
-            return f"the {backend} backend runs {backend} tensors only"
-        return _extension.missing_reason("hae_forward", backend.upper())
+        return _backends.extension_reason(backend, device_type, "hae_forward")
     if backend == "triton":
         if dtype is not None and dtype not in _TRITON_DTYPES:
             return f"the Triton kernels take float32, float16 and bfloat16, not {dtype}"

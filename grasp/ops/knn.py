@@ -16,7 +16,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from grasp import _extension
 from grasp.ops import _backends
 from grasp.ops._knn_reference import drop_own, gather_mean_reference, knn_search_reference, order_by_score
 
@@ -38,9 +37,7 @@ def backend_reason(backend: str, device_type: str) -> str:
     if backend == "reference":
         return ""
     if backend in ("cpu", "cuda"):
-        if device_type != backend:
-            return f"the {backend} backend runs {backend} tensors only"
-        return _extension.missing_reason("knn_search", backend.upper())
+        return _backends.extension_reason(backend, device_type, "knn_search")
     if backend == "triton":
         return _backends.triton_reason(device_type, _KERNEL_MODULE)
     if backend == "faiss":
