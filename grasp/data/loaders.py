@@ -74,6 +74,7 @@ class RawDataset:
         timestamps: float64 timestamps, parallel to ``users``.
         item_attributes: item token -> {attribute name: text}; items may be missing or have ``{}``.
         user_attributes: user token -> {attribute name: text}; empty when the dataset has none.
+        domain: what the items are, for prompts ("movie", "office product"; "" when unknown).
     """
 
     name: str
@@ -82,6 +83,7 @@ class RawDataset:
     timestamps: np.ndarray
     item_attributes: dict[str, dict[str, str]] = field(default_factory=dict)
     user_attributes: dict[str, dict[str, str]] = field(default_factory=dict)
+    domain: str = ""
 
     def __post_init__(self) -> None:
         n = len(self.users)
@@ -141,7 +143,9 @@ def _timestamp(path: Path, number: int, text: str, column: str = "timestamp") ->
     return value
 
 
-def _raw(name: str, rows: list[tuple[str, str, float]], path: Path, item_attributes, user_attributes) -> RawDataset:
+def _raw(
+    name: str, rows: list[tuple[str, str, float]], path: Path, item_attributes, user_attributes, domain: str = ""
+) -> RawDataset:
     if not rows:
         raise DataError(path, None, "no interactions in the file")
     users, items, times = zip(*rows, strict=True)
@@ -152,6 +156,7 @@ def _raw(name: str, rows: list[tuple[str, str, float]], path: Path, item_attribu
         timestamps=np.array(times, dtype=np.float64),
         item_attributes=item_attributes,
         user_attributes=user_attributes,
+        domain=domain,
     )
 
 
@@ -242,7 +247,7 @@ def _load_ml100k(path: Path, name: str) -> RawDataset:
             fields = _split(user_file, number, line, "|", 4)
             users[fields[0].strip()] = {"age": fields[1].strip(), "gender": fields[2].strip(),
                                         "occupation": fields[3].strip()}  # fmt: skip
-    return _raw(name, rows, path / "u.data", items, users)
+    return _raw(name, rows, path / "u.data", items, users, "movie")
 
 
 def _dat_encoding(path: Path) -> str:
@@ -280,7 +285,7 @@ def _load_ml_dat(path: Path, name: str) -> RawDataset:
                 occupation = _ML1M_OCCUPATIONS[int(occupation)]
             users[user.strip()] = {"age": _ML1M_AGES.get(age.strip(), age.strip()), "gender": gender.strip(),
                                    "occupation": occupation}  # fmt: skip
-    return _raw(name, rows, path / "ratings.dat", items, users)
+    return _raw(name, rows, path / "ratings.dat", items, users, "movie")
 
 
 def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
@@ -313,7 +318,7 @@ def _load_ml_csv(path: Path, name: str) -> RawDataset:
         row["movieId"].strip(): _movie(row["title"], row["genres"])
         for _, row in _csv_rows(path / "movies.csv", ("movieId", "title", "genres"))
     }
-    return _raw(name, rows, ratings, items, {})
+    return _raw(name, rows, ratings, items, {}, "movie")
 
 
 # ----------------------------------------------------------------------------------------------- RecBole

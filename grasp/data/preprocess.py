@@ -41,6 +41,7 @@ class Dataset:
         user_is_head, item_is_head: boolean arrays (index 0 False).
         item_attributes, user_attributes: id -> text attributes (``{}`` when the raw data had none).
         filters: the filter settings used, for reports.
+        domain: what the items are, for prompts (from the raw dataset).
     """
 
     name: str
@@ -64,6 +65,7 @@ class Dataset:
     item_attributes: dict[int, dict[str, str]]
     user_attributes: dict[int, dict[str, str]]
     filters: dict[str, int] = field(default_factory=dict)
+    domain: str = ""
 
     @property
     def num_interactions(self) -> int:
@@ -194,6 +196,7 @@ def preprocess(
         item_attributes={i: dict(raw.item_attributes.get(t, {})) for i, t in enumerate(item_tokens) if i},
         user_attributes={u: dict(raw.user_attributes.get(t, {})) for u, t in enumerate(user_tokens) if u},
         filters={"k_core": k_core, "min_user_interactions": min_user_interactions},
+        domain=raw.domain,
     )
 
 
