@@ -1,0 +1,299 @@
+"""The four offline stages of GRASP, each writing into one run directory (DESIGN.md sections 1, 3 and 6).
+
+``prepare``  raw logs -> ``data/`` (filtered, remapped, split dataset; statistics table)
+``generate`` dataset -> ``texts/`` (a prompt and a description for every item and user)
+``embed``    texts -> ``embeddings/user.npy``, ``embeddings/item.npy`` (``U``, ``I``; row 0 zeros)
+``retrieve`` embeddings -> ``embeddings/{user,item}_sim.npy`` (``Ū``, ``Ī``) and the neighbour ids
+
+Each stage is skipped when :class:`~grasp.pipeline.manifest.Manifest` says it already ran with the same
+config and the same inputs (``force=True`` runs it anyway). Every file is written atomically and the
+manifest only records a stage once all its outputs are on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from grasp._io import save_npy, sha256_file, write_json, write_text
+from grasp.data.loaders import DataError, RawDataset
+from grasp.data.preprocess import Dataset, preprocess, statistics, statistics_table
+from grasp.data.store import load_dataset, save_dataset
+from grasp.pipeline.manifest import Manifest, stage_key
+from grasp.pipeline.tables import TABLE_FILES, Tables, check_embeddings
+
+__all__ = ["STAGES", "StageError", "prepare", "generate", "embed", "retrieve", "load_texts", "raw_hash"]
+
+STAGES = ("prepare", "generate", "embed", "retrieve")
+Log = Callable[[str], None]
+
+
+class StageError(RuntimeError):
+    """A stage cannot run (missing earlier stage, failed requests); the message says what to do."""
+
+
+def _log(message: str) -> None:
+    print(f"[grasp] {message}", flush=True)
+
+
+def raw_hash(raw: RawDataset) -> str:
+    """sha256 over the content of a raw dataset (interactions, attributes, domain), independent of file layout."""
+    digest = hashlib.sha256()
+    for column in (raw.users, raw.items):
+        digest.update("\x1f".join(map(str, column)).encode("utf-8"))
+        digest.update(b"\x1e")
+    digest.update(np.ascontiguousarray(raw.timestamps, dtype=np.float64).tobytes())
+    attributes = {"items": raw.item_attributes, "users": raw.user_attributes, "domain": raw.domain}
+    digest.update(json.dumps(attributes, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+    return digest.hexdigest()
+
+
+def _run(
+    manifest: Manifest, name: str, config: dict[str, Any], inputs: dict[str, str], force: bool, log: Log,
+    body: Callable[[], tuple[list[Path], dict[str, Any]]],
+) -> bool:  # fmt: skip
+    key = stage_key(name, config, inputs)
+    if not force and manifest.is_current(name, key):
+        log(f"{name}: up to date, skipped (--force redoes it)")
+        return False
+    log(f"{name}: running")
+    start = time.perf_counter()
+    outputs, extra = body()
+    seconds = time.perf_counter() - start
+    manifest.record(name, key, config, inputs, outputs, seconds, **extra)
+    log(f"{name}: done in {seconds:.1f} s")
+    return True
+
+
+def _require(manifest: Manifest, name: str, needed_by: str) -> dict[str, str]:
+    entry = manifest.stage(name)
+    if entry is None:
+        raise StageError(
+            f"{manifest.run_dir}: stage '{name}' has not run, so '{needed_by}' cannot; run `grasp {name}` first "
+            f"(or `grasp train`, which runs every missing stage)"
+        )
+    return manifest.output_hashes(name)
+
+
+# ------------------------------------------------------------------------------------------------ prepare
+
+
+def prepare(
+    run_dir: str | Path,
+    raw: RawDataset | None,
+    *,
+    source: dict[str, Any] | None = None,
+    k_core: int = 0,
+    min_user_interactions: int = 3,
+    head_fraction: float = 0.2,
+    force: bool = False,
+    log: Log = _log,
+) -> Dataset:
+    """Preprocess ``raw`` into ``RUN_DIR/data`` and print its statistics table.
+
+    Args:
+        raw: the loaded dataset; None reuses the dataset this run directory already holds.
+        source: how the raw data was obtained (dataset kind, paths, options), recorded in the manifest.
+        k_core, min_user_interactions, head_fraction: see :func:`grasp.data.preprocess`.
+    """
+    run_dir = Path(run_dir)
+    manifest = Manifest(run_dir)
+    if raw is None:
+        _require(manifest, "prepare", "this command")
+        return load_dataset(run_dir / "data")
+    config = {"source": source or {"name": raw.name}, "k_core": k_core,
+              "min_user_interactions": min_user_interactions, "head_fraction": head_fraction}  # fmt: skip
+    holder: dict[str, Dataset] = {}
+
+    def body() -> tuple[list[Path], dict[str, Any]]:
+        dataset = preprocess(raw, k_core=k_core, min_user_interactions=min_user_interactions,
+                             head_fraction=head_fraction)  # fmt: skip
+        holder["dataset"] = dataset
+        table = statistics_table(dataset)
+        log(f"prepare: {dataset.name}\n{table}")
+        paths = save_dataset(dataset, run_dir / "data")
+        paths.append(write_text(run_dir / "data" / "statistics.md", table + "\n"))
+        return paths, {"statistics": statistics(dataset)}
+
+    _run(manifest, "prepare", config, {"raw": raw_hash(raw)}, force, log, body)
+    return holder.get("dataset") or load_dataset(run_dir / "data")
+
+
+# ----------------------------------------------------------------------------------------------- generate
+
+
+def generate(
+    run_dir: str | Path,
+    *,
+    generator: str = "template",
+    model: str | None = None,
+    base_url: str | None = None,
+    templates: str | Path | None = None,
+    max_titles: int = 50,
+    options: dict[str, Any] | None = None,
+    allow_failures: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    log: Log = _log,
+) -> None:
+    """Build item and user prompts and turn them into descriptions (``RUN_DIR/texts``).
+
+    Args:
+        generator: ``"template"`` (offline; the description is the filled prompt) or ``"openai"``.
+        model, base_url: the chat model and an OpenAI-compatible server (``openai`` only; the key comes
+            from ``OPENAI_API_KEY``).
+        templates: a template file overriding the built-in prompts.
+        max_titles: the most recent training titles put into a user prompt.
+        options: further generator options (concurrency, timeout, max_retries, temperature, max_tokens);
+            they change how requests are sent, not what is asked, so they are not part of the stage key.
+        allow_failures: keep going when some requests still fail after their retries, describing those
+            rows by their prompt; by default the stage stops with an error, and a rerun retries only
+            them (finished requests are cached in ``RUN_DIR/cache``).
+    """
+    from grasp.generation import PromptTemplates, item_prompts, make_generator, user_prompts
+
+    run_dir = Path(run_dir)
+    manifest = Manifest(run_dir)
+    inputs = _require(manifest, "prepare", "generate")
+    template_set = PromptTemplates.load(templates) if templates else PromptTemplates()
+    config = {"generator": generator, "model": model if generator == "openai" else None,
+              "base_url": base_url if generator == "openai" else None, "max_titles": max_titles,
+              "templates": str(templates) if templates else None}  # fmt: skip
+    if templates:
+        inputs["templates"] = sha256_file(templates)
+
+    def body() -> tuple[list[Path], dict[str, Any]]:
+        dataset = load_dataset(run_dir / "data")
+        kwargs = dict(options or {})
+        if generator == "openai":
+            kwargs.update(model=model, base_url=base_url, cache_path=run_dir / "cache" / "generation.jsonl")
+        engine = make_generator(generator, **kwargs)
+        outputs, extra = [], {}
+        for side, prompts in (("items", item_prompts(dataset, template_set)),
+                              ("users", user_prompts(dataset, template_set, max_titles=max_titles))):  # fmt: skip
+            result = engine.generate(prompts, progress=progress)
+            if result.failures and not allow_failures:
+                first = next(iter(result.failures.items()))
+                raise StageError(
+                    f"generate: {len(result.failures)} of {len(prompts) - 1} {side[:-1]} requests failed after "
+                    f"retries (first: row {first[0]}: {first[1]}). Rerun to retry only those (finished ones are "
+                    f"cached), or pass --allow-failures to describe them by their prompt."
+                )
+            texts = [p if t is None else t for p, t in zip(prompts, result.texts, strict=True)]
+            texts[0] = ""
+            outputs.append(write_json(run_dir / "texts" / f"{side}.json", {"prompts": prompts, "texts": texts}))
+            extra[side] = {"count": len(prompts) - 1, "failures": len(result.failures), "stats": result.stats}
+        return outputs, extra
+
+    _run(manifest, "generate", config, inputs, force, log, body)
+
+
+def load_texts(run_dir: str | Path, side: str) -> list[str]:
+    """The descriptions ``generate`` wrote for ``side`` (``"items"`` or ``"users"``), index 0 = padding."""
+    path = Path(run_dir) / "texts" / f"{side}.json"
+    if not path.is_file():
+        raise DataError(path, None, "missing; run `grasp generate` for this run directory first")
+    return json.loads(path.read_text(encoding="utf-8"))["texts"]
+
+
+# -------------------------------------------------------------------------------------------------- embed
+
+
+def embed(
+    run_dir: str | Path,
+    *,
+    encoder: str = "sentence-transformers",
+    model: str | None = None,
+    base_url: str | None = None,
+    options: dict[str, Any] | None = None,
+    force: bool = False,
+    progress: bool = True,
+    log: Log = _log,
+) -> None:
+    """Embed the item and user descriptions into ``RUN_DIR/embeddings/{item,user}.npy`` (float32, row 0 zeros).
+
+    Args:
+        encoder: ``"sentence-transformers"`` (offline MiniLM by default; any local model path or name) or
+            ``"openai"`` (the embeddings endpoint of an OpenAI-compatible server).
+        model: the embedding model; None uses the encoder's default.
+        options: batch_size, device, concurrency, timeout, max_retries; not part of the stage key.
+    """
+    from grasp.embedding import make_encoder
+
+    run_dir = Path(run_dir)
+    manifest = Manifest(run_dir)
+    inputs = _require(manifest, "generate", "embed")
+    config = {"encoder": encoder, "model": model, "base_url": base_url}
+
+    def body() -> tuple[list[Path], dict[str, Any]]:
+        kwargs = dict(options or {})
+        if model is not None:
+            kwargs["model"] = model
+        if encoder == "openai":
+            kwargs.update(base_url=base_url, cache_path=run_dir / "cache" / "embeddings.jsonl")
+        engine = make_encoder(encoder, **kwargs)
+        outputs, extra = [], {"encoder": encoder, "model": getattr(engine, "name", model)}
+        for side, file in (("items", "item.npy"), ("users", "user.npy")):
+            texts = load_texts(run_dir, side)
+            vectors = np.asarray(engine.encode(texts[1:], progress=progress), dtype=np.float32)
+            table = np.concatenate([np.zeros((1, vectors.shape[1]), np.float32), vectors])
+            path = run_dir / "embeddings" / file
+            check_embeddings(table, len(texts), path)
+            outputs.append(save_npy(path, table))
+            text_hash = hashlib.sha256("\x1e".join(texts).encode("utf-8")).hexdigest()
+            extra[side] = {"rows": len(texts), "texts_sha256": text_hash}
+            extra["dimension"] = int(table.shape[1])
+        return outputs, extra
+
+    _run(manifest, "embed", config, inputs, force, log, body)
+
+
+# ----------------------------------------------------------------------------------------------- retrieve
+
+
+def retrieve(
+    run_dir: str | Path,
+    *,
+    k: int = 10,
+    backend: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+    log: Log = _log,
+) -> Tables:
+    """``Ū, Ī``: the mean of each user's and item's k most similar others (cosine, self excluded).
+
+    Runs :func:`grasp.ops.topk_neighbor_mean` on ``U[1:]`` and ``I[1:]`` and writes the means (row 0
+    zeros) and the 1-based neighbour ids next to the embeddings. Returns the loaded :class:`Tables`.
+    """
+    from grasp.ops import topk_neighbor_mean
+
+    run_dir = Path(run_dir)
+    manifest = Manifest(run_dir)
+    inputs = _require(manifest, "embed", "retrieve")
+    folder = run_dir / "embeddings"
+
+    def body() -> tuple[list[Path], dict[str, Any]]:
+        outputs = []
+        for side in ("user", "item"):
+            table = np.load(folder / TABLE_FILES[side], allow_pickle=False)
+            n = len(table) - 1
+            if not 1 <= k <= n - 1:
+                raise StageError(f"retrieve: k={k} needs 1 <= k <= {n - 1} ({n} {side}s, self excluded)")
+            x = torch.from_numpy(table[1:])
+            mean, index, _ = topk_neighbor_mean(x, k, return_indices=True, backend=backend,
+                                                progress=progress and n > 20000)  # fmt: skip
+            sim = np.concatenate([np.zeros((1, table.shape[1]), np.float32), mean.numpy().astype(np.float32)])
+            ids = np.concatenate([np.zeros((1, k), np.int64), index.numpy().astype(np.int64) + 1])
+            outputs.append(save_npy(folder / TABLE_FILES[f"{side}_sim"], sim))
+            outputs.append(save_npy(folder / TABLE_FILES[f"{side}_neighbors"], ids))
+        return outputs, {"k": k, "backend": backend or "auto"}
+
+    _run(manifest, "retrieve", {"k": k}, inputs, force, log, body)
+    return Tables.load(folder)
