@@ -15,3 +15,21 @@ __all__ = [
     "statistics_table",
     "head_threshold",
 ]
+
+from grasp.data.amazon import load_amazon  # noqa: E402
+from grasp.data.download import DownloadError, fetch_movielens  # noqa: E402
+from grasp.data.sources import DATASETS, add_dataset_arguments, load_raw, raw_from_args  # noqa: E402
+from grasp.data.synthetic import synthetic  # noqa: E402
+from grasp.data.table import load_table  # noqa: E402
+
+__all__ += [
+    "load_amazon",
+    "load_table",
+    "synthetic",
+    "fetch_movielens",
+    "DownloadError",
+    "DATASETS",
+    "load_raw",
+    "add_dataset_arguments",
+    "raw_from_args",
+]

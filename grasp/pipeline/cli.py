@@ -48,8 +48,8 @@ def add_stage_arguments(parser: argparse.ArgumentParser, until: str) -> None:
     parser.add_argument("--force", action="store_true", help="redo this command's stage even if it is up to date")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     last = stages.STAGES.index(until)
-    group = parser.add_argument_group("prepare (dataset and preprocessing)")
-    add_dataset_arguments(group)
+    add_dataset_arguments(parser, required=False)
+    group = parser.add_argument_group("prepare (preprocessing)")
     group.add_argument("--k-core", type=int, help="iterative k-core filter on users and items (default 0: off)")
     group.add_argument("--min-user-interactions", type=int, help="drop users with fewer interactions (default 3)")
     group.add_argument("--head-fraction", type=float,
@@ -110,7 +110,7 @@ def run_stages(
     prepared = manifest.stage("prepare") is not None
     raw = raw_from_args(args) if getattr(args, "dataset", None) is not None or not prepared else None
     source = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())
-              if k in _dataset_dests(args)}  # fmt: skip
+              if k in _DATASET_DESTS and v is not None}  # fmt: skip
     dataset = stages.prepare(
         run_dir, raw, source=source,
         k_core=_value(args, manifest, "prepare", "k_core"),
@@ -153,7 +153,8 @@ def run_stages(
     return dataset, tables
 
 
-def _dataset_dests(args: argparse.Namespace) -> set[str]:
-    from grasp.data.sources import DATASET_DESTS
-
-    return set(DATASET_DESTS) & set(vars(args))
+#: The argparse destinations of :func:`grasp.data.sources.add_dataset_arguments`, recorded as the data source.
+_DATASET_DESTS = frozenset(
+    "dataset data_dir name domain user_col item_col time_col sep item_file item_key item_text user_file user_key "
+    "user_text synthetic_users synthetic_items synthetic_seed".split()
+)
