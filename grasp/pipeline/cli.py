@@ -140,7 +140,13 @@ def run_stages(
         encoder=_value(args, manifest, "embed", "encoder"),
         model=_value(args, manifest, "embed", "embedding_model"),
         base_url=_value(args, manifest, "embed", "embedding_base_url"),
-        options={"batch_size": args.embedding_batch_size, "device": args.embedding_device},
+        options={
+            "batch_size": args.embedding_batch_size,
+            "device": args.embedding_device,
+            "concurrency": args.concurrency,
+            "timeout": args.request_timeout,
+            "max_retries": args.max_retries,
+        },
         force=force and forced == "embed",
         progress=progress,
     )

@@ -151,8 +151,8 @@ def generate(
             from ``OPENAI_API_KEY``).
         templates: a template file overriding the built-in prompts.
         max_titles: the most recent training titles put into a user prompt.
-        options: further generator options (concurrency, timeout, max_retries, temperature, max_tokens);
-            they change how requests are sent, not what is asked, so they are not part of the stage key.
+        options: how ``openai`` requests are sent (concurrency, timeout, max_retries); not part of the
+            stage key, since they do not change what is asked.
         allow_failures: keep going when some requests still fail after their retries, describing those
             rows by their prompt; by default the stage stops with an error, and a rerun retries only
             them (finished requests are cached in ``RUN_DIR/cache``).
@@ -171,9 +171,10 @@ def generate(
 
     def body() -> tuple[list[Path], dict[str, Any]]:
         dataset = load_dataset(run_dir / "data")
-        kwargs = dict(options or {})
+        kwargs = {}
         if generator == "openai":
-            kwargs.update(model=model, base_url=base_url, cache_path=run_dir / "cache" / "generation.jsonl")
+            kwargs = {**(options or {}), "model": model, "base_url": base_url,
+                      "cache": run_dir / "cache" / "generation.jsonl"}  # fmt: skip
         engine = make_generator(generator, **kwargs)
         outputs, extra = [], {}
         for side, prompts in (("items", item_prompts(dataset, template_set)),
@@ -205,6 +206,11 @@ def load_texts(run_dir: str | Path, side: str) -> list[str]:
 
 # -------------------------------------------------------------------------------------------------- embed
 
+_ENCODER_OPTIONS = {
+    "sentence-transformers": ("batch_size", "device"),
+    "openai": ("batch_size", "concurrency", "timeout", "max_retries"),
+}
+
 
 def embed(
     run_dir: str | Path,
@@ -223,7 +229,8 @@ def embed(
         encoder: ``"sentence-transformers"`` (offline MiniLM by default; any local model path or name) or
             ``"openai"`` (the embeddings endpoint of an OpenAI-compatible server).
         model: the embedding model; None uses the encoder's default.
-        options: batch_size, device, concurrency, timeout, max_retries; not part of the stage key.
+        options: batch_size and device (sentence-transformers); batch_size, concurrency, timeout and
+            max_retries (openai). Not part of the stage key. Options the encoder does not take are ignored.
     """
     from grasp.embedding import make_encoder
 
@@ -233,11 +240,11 @@ def embed(
     config = {"encoder": encoder, "model": model, "base_url": base_url}
 
     def body() -> tuple[list[Path], dict[str, Any]]:
-        kwargs = dict(options or {})
+        kwargs = {k: v for k, v in (options or {}).items() if k in _ENCODER_OPTIONS[encoder] and v is not None}
         if model is not None:
             kwargs["model"] = model
         if encoder == "openai":
-            kwargs.update(base_url=base_url, cache_path=run_dir / "cache" / "embeddings.jsonl")
+            kwargs.update(base_url=base_url, cache=run_dir / "cache" / "embeddings.jsonl")
         engine = make_encoder(encoder, **kwargs)
         outputs, extra = [], {"encoder": encoder, "model": getattr(engine, "name", model)}
         for side, file in (("items", "item.npy"), ("users", "user.npy")):

@@ -1,0 +1,43 @@
+"""Generation (DESIGN.md section 1, step 1): paper-style prompts, LLM or template descriptions, a resumable cache.
+
+``item_prompts`` / ``user_prompts`` build one prompt per item / user from a :class:`~grasp.data.Dataset`;
+a generator from :func:`make_generator` (``"template"`` offline, ``"openai"`` for any OpenAI-compatible
+endpoint) turns them into descriptions. The ``openai`` package is imported only when an OpenAI endpoint is used.
+"""
+
+from grasp.generation.cache import ResponseCache, cache_key
+from grasp.generation.generators import (
+    DEFAULT_SYSTEM_PROMPT,
+    GENERATORS,
+    GenerationResult,
+    OpenAIGenerator,
+    TemplateGenerator,
+    make_generator,
+)
+from grasp.generation.openai_client import MalformedResponse, OpenAIRunner, RequestStats
+from grasp.generation.prompts import (
+    ITEM_PLACEHOLDERS,
+    USER_PLACEHOLDERS,
+    PromptTemplates,
+    item_prompts,
+    user_prompts,
+)
+
+__all__ = [
+    "PromptTemplates",
+    "item_prompts",
+    "user_prompts",
+    "ITEM_PLACEHOLDERS",
+    "USER_PLACEHOLDERS",
+    "ResponseCache",
+    "cache_key",
+    "GenerationResult",
+    "TemplateGenerator",
+    "OpenAIGenerator",
+    "make_generator",
+    "GENERATORS",
+    "DEFAULT_SYSTEM_PROMPT",
+    "OpenAIRunner",
+    "RequestStats",
+    "MalformedResponse",
+]

@@ -1,0 +1,270 @@
+"""Shared request machinery for OpenAI-compatible endpoints (chat completions and embeddings).
+
+:class:`OpenAIRunner` sends many independent requests with bounded concurrency through the official
+``openai`` client (its own retries switched off) and retries with exponential backoff and full jitter on
+HTTP 429 (honouring ``retry-after``, capped at ``backoff_max``), 408, 409, 5xx, timeouts, connection errors and
+empty or malformed responses. Other errors (400, 401, 403, 404, ...) are not retried. A request that still
+fails after ``max_retries`` retries is recorded as a failure (task index -> reason), never raised.
+
+The API key is read from the environment variable ``api_key_env`` (``OPENAI_API_KEY`` by default). When it
+is unset and the endpoint is local (``localhost``, ``127.x.x.x``, ``::1``; servers such as vLLM or Ollama
+accept any key) a placeholder key is used; otherwise construction fails naming the variable. The key never
+appears in a repr, a log message or a failure reason (reasons are scrubbed of it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from urllib.parse import urlparse
+
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    import openai
+
+__all__ = ["OpenAIRunner", "RequestStats", "MalformedResponse"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_LOCAL_HOSTS = ("localhost", "::1", "0.0.0.0")
+_PLACEHOLDER_KEY = "sk-local-placeholder"
+_RETRYABLE_STATUS = (408, 409, 429)
+
+
+class MalformedResponse(Exception):
+    """A response without usable content (empty choices or content, wrong shape); the request is retried."""
+
+
+@dataclass
+class RequestStats:
+    """Counters of one run: requests sent (retries included), retries, failed tasks and ``usage`` tokens."""
+
+    requests: int = 0
+    retries: int = 0
+    failures: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a plain dict."""
+        return asdict(self)
+
+
+def _openai() -> ModuleType:
+    """The ``openai`` package, imported on first use (it is an optional dependency)."""
+    try:
+        import openai
+    except ImportError as error:
+        raise ImportError("the OpenAI endpoints need the openai package: pip install 'grasp[openai]'") from error
+    return openai
+
+
+def _is_local(base_url: str | None) -> bool:
+    host = urlparse(base_url or "").hostname or ""
+    return host in _LOCAL_HOSTS or host.startswith("127.")
+
+
+class OpenAIRunner(Generic[T, R]):
+    """Runs independent requests against an OpenAI-compatible endpoint: concurrency, retries, failures, stats.
+
+    Args:
+        base_url: the API root (``http://host:port/v1``); the ``openai`` default (``OPENAI_BASE_URL`` or
+            api.openai.com) when None.
+        api_key_env: the environment variable holding the API key.
+        concurrency: requests in flight at once (>= 1).
+        timeout: seconds per request (> 0).
+        max_retries: retries per task after the first attempt (>= 0).
+        backoff_base, backoff_max: the n-th retry waits a uniform random time in
+            ``[0, min(backoff_max, backoff_base * 2**n)]`` (full jitter), at least ``retry-after`` when the
+            server sent one (capped at ``backoff_max``).
+
+    Raises:
+        ValueError: a bad argument, or the key variable unset for a non-local endpoint.
+        ImportError: the ``openai`` package is not installed.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        concurrency: int = 8,
+        timeout: float = 60.0,
+        max_retries: int = 5,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        if backoff_base < 0 or backoff_max < 0:
+            raise ValueError(f"backoff_base and backoff_max must be >= 0, got {backoff_base} and {backoff_max}")
+        self.base_url = base_url
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        key = os.environ.get(api_key_env, "")
+        if not key:
+            if not _is_local(base_url or os.environ.get("OPENAI_BASE_URL")):
+                raise ValueError(
+                    f"the environment variable {api_key_env} is not set: set it to your API key "
+                    "(a local base_url such as http://127.0.0.1:8000/v1 needs none)"
+                )
+            key = _PLACEHOLDER_KEY
+        self._key = key
+        self._client = _openai().OpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=0)
+        self._random = random.Random()
+
+    def __repr__(self) -> str:
+        return (
+            f"OpenAIRunner(base_url={self.base_url!r}, concurrency={self.concurrency}, timeout={self.timeout}, "
+            f"max_retries={self.max_retries})"
+        )
+
+    def _scrub(self, text: str) -> str:
+        return " ".join(text.replace(self._key, "***").split())[:300]
+
+    def _classify(self, error: Exception) -> tuple[bool, str, float]:
+        """(retry?, reason, seconds the server asked to wait) for an error raised by a request or its parsing."""
+        openai = _openai()
+        if isinstance(error, openai.APITimeoutError):
+            return True, f"timeout after {self.timeout} s", 0.0
+        if isinstance(error, openai.APIConnectionError):
+            return True, f"connection error: {error}", 0.0
+        if isinstance(error, openai.APIStatusError):
+            status = error.status_code
+            retry = status in _RETRYABLE_STATUS or status >= 500
+            return retry, f"HTTP {status}: {error.message}", _retry_after(error.response.headers)
+        if isinstance(error, (MalformedResponse, openai.APIResponseValidationError, ValueError)):
+            return True, f"malformed response: {error}", 0.0
+        raise error
+
+    def _attempts(
+        self,
+        task: T,
+        request: Callable[[openai.OpenAI, T], Any],
+        parse: Callable[[T, Any], R],
+        stats: RequestStats,
+        lock: threading.Lock,
+        stop: threading.Event,
+    ) -> tuple[R | None, str | None]:
+        """Send one task until it succeeds, fails for good or the run stops: (value, None) or (None, reason)."""
+        for attempt in range(self.max_retries + 1):
+            with lock:
+                stats.requests += 1
+            try:
+                response = request(self._client, task)
+                usage = getattr(response, "usage", None)
+                with lock:
+                    stats.prompt_tokens += int(getattr(usage, "prompt_tokens", 0) or 0)
+                    stats.completion_tokens += int(getattr(usage, "completion_tokens", 0) or 0)
+                return parse(task, response), None
+            except Exception as error:  # _classify re-raises what it does not know
+                retry, reason, wait = self._classify(error)
+                reason = self._scrub(reason)
+            if not retry:
+                return None, reason
+            if attempt == self.max_retries:
+                return None, f"{reason} (after {self.max_retries} retries)"
+            with lock:
+                stats.retries += 1
+            delay = self._random.uniform(0, min(self.backoff_max, self.backoff_base * 2**attempt))
+            delay = max(delay, min(wait, self.backoff_max))
+            log.debug("retry %d/%d in %.2f s: %s", attempt + 1, self.max_retries, delay, reason)
+            if stop.wait(delay):
+                return None, "stopped"
+        raise AssertionError("unreachable")
+
+    def run(
+        self,
+        tasks: Sequence[T],
+        request: Callable[[openai.OpenAI, T], Any],
+        parse: Callable[[T, Any], R],
+        on_success: Callable[[int, R], None],
+        *,
+        weights: Sequence[int] | None = None,
+        initial: int = 0,
+        desc: str = "requests",
+        unit: str = "it",
+        progress: bool = True,
+    ) -> tuple[dict[int, str], RequestStats]:
+        """Run every task; return the failures (task index -> reason) and the counters.
+
+        Args:
+            tasks: one entry per request.
+            request: sends one task with the given client and returns the response object.
+            parse: turns a response into the value, raising :class:`MalformedResponse` when it is unusable.
+            on_success: called with (task index, value) in a worker thread as soon as a task succeeds (store
+                it durably here, so a killed run does not repeat it).
+            weights: progress units per task (e.g. texts per batch); 1 each by default.
+            initial: progress units already done (e.g. cached entries); the bar's total adds them to the weights.
+            desc, unit, progress: the progress bar's label and unit, and whether to show it (on stderr).
+        """
+        weights = list(weights) if weights is not None else [1] * len(tasks)
+        stats, lock, stop = RequestStats(), threading.Lock(), threading.Event()
+        failures: dict[int, str] = {}
+
+        def work(index: int) -> str | None:
+            value, reason = self._attempts(tasks[index], request, parse, stats, lock, stop)
+            if reason is None:
+                on_success(index, value)
+            return reason
+
+        bar = tqdm(
+            total=sum(weights) + initial,
+            initial=initial,
+            desc=desc,
+            unit=unit,
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="grasp-openai")
+        started = time.perf_counter()
+        try:
+            futures = {executor.submit(work, index): index for index in range(len(tasks))}
+            for future in as_completed(futures):
+                index = futures[future]
+                reason = future.result()
+                if reason is not None:
+                    failures[index] = reason
+                    log.warning("request %d failed: %s", index, reason)
+                bar.update(weights[index])
+                bar.set_postfix(failures=len(failures), retries=stats.retries, refresh=False)
+        except BaseException:  # e.g. Ctrl-C: drop queued tasks, stop retry waits, do not wait for requests in flight
+            stop.set()
+            executor.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:
+            bar.close()
+        executor.shutdown()
+        stats.failures = len(failures)
+        log.info("%d requests (%d retries, %d failures) in %.1f s", stats.requests, stats.retries,
+                 stats.failures, time.perf_counter() - started)  # fmt: skip
+        return failures, stats
+
+
+def _retry_after(headers: Any) -> float:
+    """Seconds from ``retry-after-ms`` or ``retry-after`` (a number of seconds); 0 when absent or a date."""
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        try:
+            return max(0.0, float(headers.get(name)) * scale)
+        except (TypeError, ValueError):
+            continue
+    return 0.0
