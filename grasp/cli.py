@@ -27,9 +27,29 @@ def _stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from grasp.training.cli import train_main
+
+    return train_main(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from grasp.training.cli import evaluate_main
+
+    return evaluate_main(args)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from grasp.training.report import report_main
+
+    return report_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every ``grasp`` subcommand."""
     from grasp.pipeline.cli import add_stage_arguments
+    from grasp.training.cli import add_evaluate_arguments, add_train_command_arguments
+    from grasp.training.report import add_report_arguments
 
     parser = argparse.ArgumentParser(prog="grasp", description="GRASP for sequential recommenders.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -39,19 +59,35 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(stage, help=text, description=text + ". Earlier stages that are missing run first.")
         add_stage_arguments(command, stage)
         command.set_defaults(func=_stage)
+    train = sub.add_parser(
+        "train",
+        help="train a model end to end (runs any missing stage first) and write metrics.json and report.md",
+        description="Train a sequential recommender end to end: runs every missing stage (prepare; for the LLM "
+        "models also generate, embed, retrieve), trains once per seed with early stopping, tests the best "
+        "checkpoint and writes RUN_DIR/metrics.json and RUN_DIR/report.md.",
+    )
+    add_train_command_arguments(train)
+    train.set_defaults(func=_train)
+    evaluate = sub.add_parser("evaluate", help="re-evaluate a trained run's checkpoints on test")
+    add_evaluate_arguments(evaluate)
+    evaluate.set_defaults(func=_evaluate)
+    report = sub.add_parser("report", help="compare runs in one markdown table and a PNG chart of head/tail NDCG@10")
+    add_report_arguments(report)
+    report.set_defaults(func=_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``grasp`` console script; errors in the user's input print one line and exit 2."""
     from grasp.data.loaders import DataError
+    from grasp.embedding.encoders import EmbeddingError
     from grasp.pipeline.stages import StageError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, StageError, ValueError, FileNotFoundError) as error:
+    except (DataError, StageError, EmbeddingError, ValueError, FileNotFoundError) as error:
         print(f"grasp {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

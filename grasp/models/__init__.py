@@ -1,0 +1,22 @@
+"""Sequential recommenders: backbones x item representations (DESIGN.md section 5).
+
+``build_model(backbone, model, num_users=, num_items=, tables=, ...)`` builds a :class:`Recommender` from
+one of :data:`BACKBONES` (SASRec, BERT4Rec, GRU4Rec) and one of :data:`MODELS` (``id``, ``grasp``,
+``llminit``, ``llmesr``). A recommender exposes ``loss(users, seqs, negatives)``, ``score(users, seqs,
+candidates)`` and ``score_all(users, seqs)``; sequences are left-padded with 0.
+
+Example:
+    >>> import torch
+    >>> from grasp.models import build_model
+    >>> model = build_model("sasrec", "id", num_users=10, num_items=50, tables=None, d=16, max_len=8)
+    >>> seqs = torch.randint(1, 51, (4, 9))
+    >>> model.loss(torch.arange(1, 5), seqs, torch.randint(1, 51, (4, 9))).shape
+    torch.Size([])
+    >>> model.score_all(torch.arange(1, 5), seqs[:, 1:]).shape
+    torch.Size([4, 51])
+"""
+
+from grasp.models.build import BACKBONES, MODELS, build_model
+from grasp.models.recommender import NeighborDistillation, Recommender
+
+__all__ = ["build_model", "BACKBONES", "MODELS", "Recommender", "NeighborDistillation"]

@@ -1,0 +1,218 @@
+"""``build_model``: one entry point for every backbone x model combination, with argument checks."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from grasp.models.backbones import GRU4Rec, bert4rec, sasrec
+from grasp.models.item_encoders import (
+    BRANCHES,
+    DualViewEncoder,
+    GraspEncoder,
+    GraspEnhancer,
+    IdEncoder,
+    embedding_std,
+    pca_embedding,
+)
+from grasp.models.recommender import NeighborDistillation, Recommender
+
+if TYPE_CHECKING:
+    from grasp.pipeline.tables import Tables
+
+__all__ = ["build_model", "BACKBONES", "MODELS", "DEFAULT_BRANCHES", "ACTIVATIONS", "AUTO_BERT_NEGATIVES"]
+
+BACKBONES = ("sasrec", "bert4rec", "gru4rec")
+MODELS = ("id", "grasp", "llminit", "llmesr")
+DEFAULT_BRANCHES = ("self", "similar", "global")
+ACTIVATIONS = ("sigmoid", "softmax")
+#: Sampled-softmax size of BERT4Rec + grasp under ``bert_negatives="auto"``.
+AUTO_BERT_NEGATIVES = 256
+
+#: Tables each model reads.
+_NEEDS = {
+    "id": (),
+    "grasp": ("user", "user_sim", "item", "item_sim"),
+    "llminit": ("item",),
+    "llmesr": ("item", "user_neighbors"),
+}
+
+
+def build_model(
+    backbone: str,
+    model: str,
+    *,
+    num_users: int,
+    num_items: int,
+    tables: Tables | None,
+    d: int = 64,
+    max_len: int = 100,
+    dropout: float = 0.2,
+    num_blocks: int = 2,
+    num_heads: int = 1,
+    hae_branches: tuple[str, ...] = DEFAULT_BRANCHES,
+    activation: str = "sigmoid",
+    attention: bool = True,
+    hae_backend: str | None = None,
+    llmesr_alpha: float = 0.1,
+    mask_prob: float = 0.2,
+    bert_negatives: int | str = "auto",
+) -> Recommender:
+    """Build a :class:`~grasp.models.recommender.Recommender`.
+
+    Args:
+        backbone: ``"sasrec"``, ``"bert4rec"`` or ``"gru4rec"`` (``num_blocks`` = GRU layers; ``num_heads``
+            unused).
+        model: ``"id"`` (ID embeddings), ``"grasp"`` (ID + holistic attention enhancement), ``"llminit"`` (ID
+            embeddings initialised from the PCA of the LLM item embeddings) or ``"llmesr"`` (LLM-ESR: dual
+            view + retrieval-based self-distillation); see :mod:`grasp.models.item_encoders`.
+        num_users, num_items: ids are 1..n, 0 is padding.
+        tables: the frozen LLM tables (:class:`grasp.pipeline.tables.Tables`); required by every model but
+            ``"id"`` (ignored there).
+        d, max_len, dropout, num_blocks, num_heads: backbone sizes (``d`` divisible by ``num_heads``).
+        hae_branches, activation, attention, hae_backend: the GRASP enhancer and its ablations (model
+            ``"grasp"`` only; see :class:`~grasp.models.item_encoders.GraspEnhancer`).
+        llmesr_alpha: weight of LLM-ESR's self-distillation term (model ``"llmesr"`` only).
+        mask_prob: BERT4Rec's masking probability.
+        bert_negatives: BERT4Rec's loss: ``"full"`` (cross-entropy over the whole catalogue), a positive
+            int K (sampled softmax over the target and K uniform items), or ``"auto"``: full, except for
+            ``"grasp"`` whose user-conditioned item vectors would need ``B x num_items`` enhancer passes per
+            step: K = 256 there.
+
+    Raises:
+        ValueError: naming the argument: unknown backbone / model / branch / activation, out-of-range sizes,
+            missing tables or a table whose shape does not match ``num_users`` / ``num_items``, flags that do
+            not apply to the model or do not go together.
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone: unknown {backbone!r}; valid: {', '.join(BACKBONES)}")
+    if model not in MODELS:
+        raise ValueError(f"model: unknown {model!r}; valid: {', '.join(MODELS)}")
+    sizes = {"num_users": num_users, "num_items": num_items, "d": d, "max_len": max_len}
+    sizes |= {"num_blocks": num_blocks, "num_heads": num_heads}
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if backbone != "gru4rec" and d % num_heads:
+        raise ValueError(f"d ({d}) must be divisible by num_heads ({num_heads})")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if not 0 < mask_prob <= 1:
+        raise ValueError(f"mask_prob must be in (0, 1], got {mask_prob!r}")
+    if not (math.isfinite(llmesr_alpha) and llmesr_alpha >= 0):
+        raise ValueError(f"llmesr_alpha must be a finite number >= 0, got {llmesr_alpha!r}")
+    negatives = _bert_negatives(bert_negatives, model)
+    branches = _check_hae_flags(model, hae_branches, activation, attention)
+    if model != "llmesr" and llmesr_alpha != 0.1:
+        raise ValueError(f"llmesr_alpha applies to model 'llmesr' only, not {model!r}")
+    if model != "id":
+        _check_tables(tables, _NEEDS[model], num_users, num_items)
+
+    if model == "id":
+        encoder = IdEncoder(num_items, d)
+    elif model == "llminit":
+        encoder = IdEncoder(num_items, d, init=pca_embedding(tables.item, d, embedding_std(d)))
+    elif model == "grasp":
+        enhancer = GraspEnhancer(
+            tables.user,
+            tables.user_sim,
+            tables.item,
+            tables.item_sim,
+            d,
+            dropout=dropout,
+            branches=branches,
+            activation=activation,
+            attention=attention,
+            backend=hae_backend,
+        )
+        encoder = GraspEncoder(num_items, d, enhancer)
+    else:
+        encoder = DualViewEncoder(num_items, d, tables.item, init=pca_embedding(tables.item, d, embedding_std(d)))
+
+    if backbone == "gru4rec":
+        net = GRU4Rec(d, num_layers=num_blocks, dropout=dropout)
+    else:
+        factory = sasrec if backbone == "sasrec" else bert4rec
+        net = factory(d, max_len, num_blocks=num_blocks, num_heads=num_heads, dropout=dropout)
+    distillation = None
+    if model == "llmesr":
+        distillation = NeighborDistillation(tables.user_neighbors, encoder.width, llmesr_alpha)
+    return Recommender(
+        encoder,
+        net,
+        objective="masked" if backbone == "bert4rec" else "next",
+        num_items=num_items,
+        max_len=max_len,
+        mask_prob=mask_prob,
+        bert_negatives=negatives,
+        distillation=distillation,
+    )
+
+
+def _bert_negatives(value: int | str, model: str) -> int | None:
+    if value == "auto":
+        return AUTO_BERT_NEGATIVES if model == "grasp" else None
+    if value == "full":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"bert_negatives must be 'auto', 'full' or a positive int, got {value!r}")
+    return value
+
+
+def _check_hae_flags(model: str, hae_branches: tuple[str, ...], activation: str, attention: bool) -> tuple[str, ...]:
+    if isinstance(hae_branches, str):
+        raise ValueError(f"hae_branches must be a sequence of branch names, got the string {hae_branches!r}")
+    branches = tuple(hae_branches)
+    if not branches:
+        raise ValueError(f"hae_branches must name at least one of {', '.join(BRANCHES)}")
+    unknown = [b for b in branches if b not in BRANCHES]
+    if unknown:
+        raise ValueError(f"hae_branches: unknown {', '.join(map(repr, unknown))}; valid: {', '.join(BRANCHES)}")
+    if len(set(branches)) != len(branches):
+        raise ValueError(f"hae_branches has duplicates: {branches}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: unknown {activation!r}; valid: {', '.join(ACTIVATIONS)}")
+    if not isinstance(attention, bool):
+        raise ValueError(f"attention must be True or False, got {attention!r}")
+    all_branches = set(branches) == set(DEFAULT_BRANCHES)
+    if model != "grasp" and not (all_branches and activation == "sigmoid" and attention):
+        raise ValueError(
+            f"hae_branches / activation / attention are GRASP enhancer ablations; model {model!r} has no enhancer"
+        )
+    if not attention and activation != "sigmoid":
+        raise ValueError("incompatible flags: attention=False (--no-attention) has no gates, so no activation")
+    if not attention and not all_branches:
+        raise ValueError("incompatible flags: attention=False (--no-attention) uses all inputs; drop hae_branches")
+    return branches
+
+
+def _check_tables(tables: Tables | None, needed: tuple[str, ...], num_users: int, num_items: int) -> None:
+    if tables is None:
+        raise ValueError(f"tables: required by this model (it reads {', '.join(needed)}), got None")
+    rows = {"user": num_users + 1, "user_sim": num_users + 1, "item": num_items + 1, "item_sim": num_items + 1}
+    rows["user_neighbors"] = num_users + 1
+    for name in needed:
+        array = getattr(tables, name, None)
+        if not isinstance(array, np.ndarray):
+            raise ValueError(f"tables.{name}: expected a numpy array, got {type(array).__name__}")
+        side = "num_users" if name.startswith("user") else "num_items"
+        if array.ndim != 2 or len(array) != rows[name] or array.shape[1] < 1:
+            raise ValueError(
+                f"tables.{name} has shape {array.shape}, expected ({rows[name]}, k) = ({side} + 1, k) for "
+                f"{side}={rows[name] - 1}"
+            )
+        if name == "user_neighbors":
+            if array[1:].min(initial=1) < 1 or array.max(initial=0) > num_users:
+                raise ValueError(f"tables.user_neighbors: ids must lie in 1..{num_users} (num_users)")
+            continue
+        if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
+            raise ValueError(f"tables.{name}: must be a finite float array (dtype {array.dtype})")
+    for name in ("user_sim", "item_sim"):
+        base = name.removesuffix("_sim")
+        if name in needed and getattr(tables, name).shape != getattr(tables, base).shape:
+            raise ValueError(
+                f"tables.{name} has shape {getattr(tables, name).shape}, expected tables.{base}'s shape "
+                f"{getattr(tables, base).shape}"
+            )

@@ -1,0 +1,542 @@
+"""The training loop: :func:`train` one model in one run directory, :func:`evaluate_run` a finished one.
+
+Layout of a run directory (``train`` writes directly into the directory it is given; the CLI gives each
+seed its own, e.g. ``runs/ml-1m/sasrec-grasp/seed42``)::
+
+    config.json            the TrainConfig and the dataset fingerprint (checked on resume)
+    eval_negatives.npz     the fixed evaluation negatives (sampled evaluation only)
+    epochs.csv             epoch, loss, valid NDCG@10 / HR@10, seconds, samples/s
+    metrics.json           final metrics (see train), written at the end
+    report.md              the test metrics as markdown tables
+    checkpoints/           last.safetensors + last.pt (every epoch), best.safetensors
+    tensorboard/           with --tensorboard
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the same :func:`train` runs data-parallel: it initialises the
+process group (gloo on CPU, NCCL on CUDA) unless one exists, wraps the loss in
+``DistributedDataParallel``, gives each rank ``batch_size / world_size`` users of every global batch,
+evaluates on rank 0 and writes files on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from grasp._io import write_json, write_text
+from grasp.data import Dataset
+from grasp.training.batches import TrainBatches
+from grasp.training.checkpoint import (
+    load_training_state,
+    load_weights,
+    save_training_state,
+    save_weights,
+)
+from grasp.training.config import TrainConfig
+from grasp.training.evaluate import dataset_fingerprint, evaluate_split, load_or_create_eval_negatives
+from grasp.training.metrics import GROUPS
+
+__all__ = ["train", "evaluate_run", "build_recommender", "ModelFactory"]
+
+#: Builds the model of a run: ``(config, dataset, tables) -> Recommender``.
+ModelFactory = Callable[[TrainConfig, Dataset, Any], nn.Module]
+
+EPOCH_COLUMNS = ("epoch", "loss", "valid_NDCG@10", "valid_HR@10", "seconds", "samples_per_s")
+
+
+def build_recommender(config: TrainConfig, dataset: Dataset, tables: Any) -> nn.Module:
+    """The :func:`grasp.models.build_model` model that ``config`` describes."""
+    from grasp.models import build_model
+
+    return build_model(
+        config.backbone,
+        config.model,
+        num_users=dataset.num_users,
+        num_items=dataset.num_items,
+        tables=tables,
+        d=config.d,
+        max_len=config.max_len,
+        dropout=config.dropout,
+        num_blocks=config.num_blocks,
+        num_heads=config.num_heads,
+        hae_branches=tuple(config.hae_branches),
+        activation=config.activation,
+        attention=config.attention,
+        hae_backend=config.hae_backend,
+        llmesr_alpha=config.llmesr_alpha,
+    )
+
+
+# ------------------------------------------------------------------------------------------ environment
+
+
+@dataclass
+class _Env:
+    rank: int
+    world_size: int
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    owns_group: bool
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup(config: TrainConfig) -> _Env:
+    """Resolve the device, join / create the process group under torchrun, pick the autocast dtype."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available here (use --device cpu or auto)")
+    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    owns_group = False
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        owns_group = True
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else 0)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dtype = None
+    if config.amp:
+        if use_cuda:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        elif rank == 0:
+            print("note: --amp ignored: there is no CUDA device, training in float32 on the CPU")
+    return _Env(rank, world_size, device, dtype, owns_group)
+
+
+def _broadcast(env: _Env, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if env.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------ run directory
+
+
+def _dataset_info(dataset: Dataset) -> dict[str, Any]:
+    return {
+        "name": dataset.name,
+        "fingerprint": dataset_fingerprint(dataset),
+        "num_users": dataset.num_users,
+        "num_items": dataset.num_items,
+        "head_user_threshold": dataset.head_user_threshold,
+        "head_item_threshold": dataset.head_item_threshold,
+    }
+
+
+def _check_run_dir(run_dir: Path, config: TrainConfig, data_info: dict[str, Any], force: bool) -> None:
+    """Refuse a run directory made with another config or dataset unless ``force``."""
+    path = run_dir / "config.json"
+    if force or not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        old = TrainConfig.from_dict(saved["config"]).run_defining()
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable run config ({e}); use another run directory or force") from None
+    new = config.run_defining()
+    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in new if old.get(k) != new.get(k)]
+    if saved.get("dataset", {}).get("fingerprint") != data_info["fingerprint"]:
+        diffs.append(f"dataset: {saved.get('dataset', {}).get('name')!r} -> {data_info['name']!r} (different data)")
+    if diffs:
+        raise ValueError(
+            f"{path}: this run directory was made with a different setup ({'; '.join(diffs)}); "
+            "use another run directory, or force (--force) to start over in it"
+        )
+
+
+def _write_epochs_csv(path: Path, history: list[dict[str, float]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=EPOCH_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(path, buffer.getvalue())
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+class _LossStep(nn.Module):
+    """``forward`` = ``model.loss``, so DDP and torch.compile see the training computation as a forward pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, users: torch.Tensor, seqs: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(users, seqs, negatives)
+
+
+def _eval_kwargs(config: TrainConfig, env: _Env, negatives: np.ndarray | None) -> dict[str, Any]:
+    return {
+        "max_len": config.max_len,
+        "negatives": negatives,
+        "batch_size": config.eval_batch_size,
+        "device": env.device,
+        "autocast_dtype": env.autocast_dtype,
+    }
+
+
+def _eval_negatives(run_dir: Path, dataset: Dataset, config: TrainConfig) -> np.ndarray | None:
+    if config.eval_negatives == "all":
+        return None
+    return load_or_create_eval_negatives(
+        run_dir / "eval_negatives.npz", dataset, int(config.eval_negatives), config.eval_seed
+    )
+
+
+def train(
+    run_dir: str | Path,
+    dataset: Dataset,
+    tables: Any,
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    force: bool = False,
+    model_factory: ModelFactory | None = None,
+) -> dict[str, Any]:
+    """Train ``config``'s model on ``dataset`` in ``run_dir`` with early stopping; test the best checkpoint.
+
+    Adam, the model's own loss, one pass over the (shuffled) users per epoch; validation NDCG@10 after
+    every epoch; stop after ``config.patience`` epochs without a gain (or ``config.epochs``); the best
+    epoch's weights are evaluated on test.
+
+    Args:
+        run_dir: the run directory (layout in the module docstring); created if missing.
+        dataset: the preprocessed dataset. tables: its frozen LLM tables (``None`` for ``model="id"``).
+        config: the run's settings (validated here).
+        resume: continue from ``checkpoints/last.*`` when present (a fresh start otherwise); the result
+            equals an uninterrupted run's. A finished run just re-evaluates. ``config.epochs`` may grow.
+        progress: show progress bars and a line per epoch (rank 0).
+        force: use ``run_dir`` even if it was made with a different config or dataset.
+        model_factory: builds the model (default :func:`build_recommender`).
+
+    Returns:
+        The content of ``metrics.json``: ``{"config", "dataset", "test": {group: {"NDCG@k": %, "HR@k": %}
+        or None if the group is empty}, "valid": {...}, "group_sizes": {"test": {...}, "valid": {...}},
+        "thresholds": {"head_user", "head_item"}, "best_epoch", "epochs", "stopped_early",
+        "train_seconds", "world_size"}`` with groups ``overall, tail_user, head_user, tail_item, head_item``.
+    """
+    config.validate()
+    env = _setup(config)
+    try:
+        return _Trainer(Path(run_dir), dataset, tables, config, env, model_factory or build_recommender).run(
+            resume=resume, progress=progress, force=force
+        )
+    finally:
+        if env.owns_group:
+            dist.destroy_process_group()
+
+
+class _Trainer:
+    def __init__(
+        self, run_dir: Path, dataset: Dataset, tables: Any, config: TrainConfig, env: _Env, factory: ModelFactory
+    ) -> None:
+        self.run_dir, self.dataset, self.config, self.env = run_dir, dataset, config, env
+        _seed_all(config.seed)
+        self.model = factory(config, dataset, tables).to(env.device)
+        # Dropout / masking randomness: its own stream per rank, independent of initialisation.
+        torch.manual_seed(config.seed + 7919 * (env.rank + 1))
+        self.batches = TrainBatches(dataset, config.max_len, config.batch_size, config.seed)
+        self.optimizer = torch.optim.Adam(
+            [p for p in self.model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=env.autocast_dtype == torch.float16)
+        step: nn.Module = _LossStep(self.model)
+        if env.world_size > 1:
+            step = nn.parallel.DistributedDataParallel(
+                step,
+                device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                broadcast_buffers=False,  # frozen tables are identical everywhere; don't resend them
+                find_unused_parameters=True,
+            )
+        self.step: Callable[..., torch.Tensor] = torch.compile(step) if config.compile else step
+        self.ckpt = run_dir / "checkpoints"
+        self.negatives: np.ndarray | None = None  # evaluation negatives (rank 0; None = full ranking)
+        self.data_info = _dataset_info(dataset)
+        self.state: dict[str, Any] = {
+            "epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0, "stopped": False,
+            "train_seconds": 0.0, "history": [],
+        }  # fmt: skip
+
+    # ---------------------------------------------------------------- setup / checkpoints
+
+    def _prepare_dir(self, resume: bool, force: bool) -> None:
+        _check_run_dir(self.run_dir, self.config, self.data_info, force)
+        last = self.ckpt / "last.pt"
+        if resume and last.is_file():
+            self._load_last()
+        elif resume and self.env.main:
+            print(f"note: {last} not found, starting {self.run_dir} from scratch")
+        if self.env.main:
+            self.ckpt.mkdir(parents=True, exist_ok=True)
+            write_json(self.run_dir / "config.json", {"config": self.config.to_dict(), "dataset": self.data_info})
+            self.negatives = _eval_negatives(self.run_dir, self.dataset, self.config)
+        if self.config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise RuntimeError(f"--tensorboard needs the tensorboard package (pip install tensorboard): {e}") from e
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard")) if self.env.main else None
+        else:
+            self.writer = None
+
+    def _load_last(self) -> None:
+        saved = load_training_state(self.ckpt / "last.pt", self.ckpt / "last.safetensors")
+        load_weights(self.ckpt / "last.safetensors", self.model)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scaler.load_state_dict(saved["scaler"])
+        self.batches.load_state_dict(saved["batches"])
+        rngs = saved["rng"]
+        if len(rngs) != self.env.world_size and self.env.main:
+            print(f"note: checkpoint from {len(rngs)} process(es), resuming with {self.env.world_size}: "
+                  "dropout randomness will differ from an uninterrupted run")  # fmt: skip
+        _set_rng_state(rngs[self.env.rank % len(rngs)])
+        self.state = saved["trainer"]
+
+    def _save_last(self) -> None:
+        rngs = [_rng_state()]
+        if self.env.world_size > 1:
+            gathered: list[Any] = [None] * self.env.world_size
+            dist.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        if not self.env.main:
+            return
+        epoch = self.state["epoch"]
+        save_weights(self.ckpt / "last.safetensors", self.model, {"epoch": epoch})
+        save_training_state(self.ckpt / "last.pt", {
+            "epoch": epoch, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "batches": self.batches.state_dict(), "rng": rngs, "trainer": self.state,
+        })  # fmt: skip
+
+    # ---------------------------------------------------------------- loop
+
+    def run(self, *, resume: bool, progress: bool, force: bool) -> dict[str, Any]:
+        self._prepare_dir(resume, force)
+        show = progress and self.env.main
+        while not self.state["stopped"] and self.state["epoch"] < self.config.epochs:
+            self._epoch(show)
+        metrics = self._finish() if self.env.main else None
+        if self.writer is not None:
+            self.writer.close()
+        return _broadcast(self.env, metrics)
+
+    def _epoch(self, show: bool) -> None:
+        from tqdm.auto import tqdm
+
+        env, config = self.env, self.config
+        epoch = self.state["epoch"] + 1
+        self.model.train()
+        start = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+        steps = samples = 0
+        bar = tqdm(total=len(self.batches), desc=f"epoch {epoch}", unit="batch", leave=False, disable=not show)
+        for users, seqs, negatives in self.batches.epoch(env.rank, env.world_size):
+            u, s, n = (torch.from_numpy(a).to(env.device, non_blocking=True) for a in (users, seqs, negatives))
+            self.optimizer.zero_grad(set_to_none=True)
+            if env.autocast_dtype is not None:
+                with torch.autocast(device_type=env.device.type, dtype=env.autocast_dtype):
+                    loss = self.step(u, s, n)
+            else:
+                loss = self.step(u, s, n)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            loss_sum += loss.detach().double()
+            steps += 1
+            samples += len(users) * env.world_size
+            bar.update()
+            if show and (steps % 10 == 0 or steps == len(self.batches)):
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(loss=f"{loss_sum.item() / steps:.4f}", samples_s=f"{samples / elapsed:.0f}")
+        bar.close()
+        if env.world_size > 1:
+            dist.all_reduce(loss_sum)
+        mean_loss = loss_sum.item() / max(steps * env.world_size, 1)
+        if not np.isfinite(mean_loss):
+            raise FloatingPointError(f"training loss became {mean_loss} in epoch {epoch} (try a lower --lr)")
+        train_time = time.perf_counter() - start
+
+        valid = None
+        if env.main:
+            groups, _ = evaluate_split(self.model, self.dataset, "valid", **_eval_kwargs(config, env, self.negatives))
+            valid = groups["overall"]
+        valid = _broadcast(env, valid)
+        seconds = time.perf_counter() - start
+        st = self.state
+        st["epoch"] = epoch
+        st["train_seconds"] += seconds
+        st["history"].append({
+            "epoch": epoch, "loss": round(mean_loss, 6), "valid_NDCG@10": round(valid["NDCG@10"], 4),
+            "valid_HR@10": round(valid["HR@10"], 4), "seconds": round(seconds, 3),
+            "samples_per_s": round(samples / max(train_time, 1e-9), 1),
+        })  # fmt: skip
+        if valid["NDCG@10"] > st["best"]:
+            st["best"], st["best_epoch"], st["bad_epochs"] = valid["NDCG@10"], epoch, 0
+            if env.main:
+                save_weights(self.ckpt / "best.safetensors", self.model, {"epoch": epoch, "valid_NDCG@10": st["best"]})
+        else:
+            st["bad_epochs"] += 1
+        st["stopped"] = st["bad_epochs"] >= config.patience
+        self._save_last()
+        if env.main:
+            _write_epochs_csv(self.run_dir / "epochs.csv", st["history"])
+            if self.writer is not None:
+                self.writer.add_scalar("train/loss", mean_loss, epoch)
+                self.writer.add_scalar("train/samples_per_s", st["history"][-1]["samples_per_s"], epoch)
+                for k in ("NDCG@10", "HR@10"):
+                    self.writer.add_scalar(f"valid/{k}", valid[k], epoch)
+        if show:
+            tqdm.write(
+                f"epoch {epoch}: loss {mean_loss:.4f}  valid NDCG@10 {valid['NDCG@10']:.2f} HR@10 {valid['HR@10']:.2f}"
+                f"  (best {st['best']:.2f} at epoch {st['best_epoch']})  {seconds:.1f}s"
+                + ("  early stop" if st["stopped"] else "")
+            )
+
+    def _finish(self) -> dict[str, Any]:
+        from grasp.training.report import write_report
+
+        load_weights(self.ckpt / "best.safetensors", self.model)
+        kwargs = _eval_kwargs(self.config, self.env, self.negatives)
+        test, test_sizes = evaluate_split(self.model, self.dataset, "test", **kwargs)
+        valid, valid_sizes = evaluate_split(self.model, self.dataset, "valid", **kwargs)
+        st = self.state
+        metrics = {
+            "config": self.config.to_dict(),
+            "dataset": self.data_info,
+            "test": {g: test[g] for g in GROUPS},
+            "valid": {g: valid[g] for g in GROUPS},
+            "group_sizes": {"test": test_sizes, "valid": valid_sizes},
+            "thresholds": {
+                "head_user": self.dataset.head_user_threshold,
+                "head_item": self.dataset.head_item_threshold,
+            },
+            "best_epoch": st["best_epoch"],
+            "epochs": st["epoch"],
+            "stopped_early": st["stopped"],
+            "train_seconds": round(st["train_seconds"], 3),
+            "world_size": self.env.world_size,
+        }
+        write_json(self.run_dir / "metrics.json", metrics)
+        write_report(self.run_dir, metrics)
+        return metrics
+
+
+# ------------------------------------------------------------------------------------------ re-evaluation
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    dataset: Dataset,
+    tables: Any,
+    *,
+    checkpoint: str = "best",
+    device: str = "auto",
+    eval_negatives: int | str | None = None,
+    batch_size: int | None = None,
+    model_factory: ModelFactory | None = None,
+    print_table: bool = True,
+) -> dict[str, Any]:
+    """Re-evaluate a run's ``checkpoints/{checkpoint}.safetensors`` on test (and validation); print the table.
+
+    Args:
+        run_dir: a directory written by :func:`train` (needs ``config.json`` and the checkpoint).
+        dataset, tables: the same data the run was trained on (the fingerprint is checked).
+        checkpoint: ``"best"`` or ``"last"``.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        eval_negatives: override the run's setting (an int or ``"all"``); ``None`` keeps it. The run's
+            ``eval_negatives.npz`` is reused when the count and seed match, otherwise negatives are drawn
+            with the run's eval seed and not saved.
+        batch_size: evaluation batch size (default: the run's).
+        model_factory: builds the model (default :func:`build_recommender`).
+        print_table: print the markdown report.
+
+    Returns:
+        ``{"test", "valid", "group_sizes", "thresholds", "checkpoint", "epoch", "eval_negatives"}``.
+    """
+    from grasp.training.evaluate import sample_eval_negatives
+    from grasp.training.report import metrics_tables
+
+    run_dir = Path(run_dir)
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; is {run_dir} a training run directory?")
+    if checkpoint not in ("best", "last"):
+        raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    config = TrainConfig.from_dict(saved["config"])
+    config.device = device
+    config.amp = config.amp and device != "cpu"
+    if batch_size is not None:
+        config.eval_batch_size = batch_size
+    config.validate()
+    info = _dataset_info(dataset)
+    if saved.get("dataset", {}).get("fingerprint") != info["fingerprint"]:
+        raise ValueError(f"{path}: the run was trained on different data than dataset {dataset.name!r}")
+    count = config.eval_negatives if eval_negatives is None else eval_negatives
+    env = _setup(config)
+    _seed_all(config.seed)
+    model = (model_factory or build_recommender)(config, dataset, tables).to(env.device)
+    meta = load_weights(run_dir / "checkpoints" / f"{checkpoint}.safetensors", model)
+    if count == "all":
+        negatives = None
+    elif count == config.eval_negatives:
+        negatives = _eval_negatives(run_dir, dataset, config)
+    else:
+        negatives = sample_eval_negatives(dataset, int(count), config.eval_seed)
+    kwargs = _eval_kwargs(config, env, negatives)
+    test, test_sizes = evaluate_split(model, dataset, "test", **kwargs)
+    valid, valid_sizes = evaluate_split(model, dataset, "valid", **kwargs)
+    result = {
+        "test": test,
+        "valid": valid,
+        "group_sizes": {"test": test_sizes, "valid": valid_sizes},
+        "thresholds": {"head_user": dataset.head_user_threshold, "head_item": dataset.head_item_threshold},
+        "checkpoint": checkpoint,
+        "epoch": int(meta.get("epoch", 0)),
+        "eval_negatives": count,
+    }
+    if print_table:
+        print(metrics_tables({**result, "config": config.to_dict(), "dataset": info}))
+    return result
