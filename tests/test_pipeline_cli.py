@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from openai_server import FakeOpenAIServer, fake_reply
 
 import grasp.embedding
 from grasp.cli import main
 from grasp.data.store import load_dataset
 from grasp.pipeline import Manifest, Tables
-from tests.openai_server import FakeOpenAIServer, fake_reply
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SMALL = ["--dataset", "synthetic", "--synthetic-users", "120", "--synthetic-items", "90", "--no-progress"]

@@ -186,7 +186,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="id: plain backbone; grasp: LLM tables + holistic attention; llminit: ID embeddings "
         "initialised from the LLM item embeddings; llmesr: LLM-ESR (default: %(default)s)",
     )
-    g.add_argument("--d", type=int, default=c.d, help="hidden size (default: %(default)s)")
+    g.add_argument("--hidden-size", "--d", dest="d", type=int, default=c.d,
+                   help="model width d (default: %(default)s; under torchrun spell it --hidden-size, since torchrun "
+                   "reads --d as an abbreviation of its own options)")  # fmt: skip
     g.add_argument(
         "--max-len", type=int, default=c.max_len, help="history length fed to the model (default: %(default)s)"
     )
