@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 _STAGE_HELP = {
@@ -77,17 +78,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``grasp`` console script; errors in the user's input print one line and exit 2."""
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe a problem with the user's input or environment: one line, no traceback."""
+    from grasp.data.download import DownloadError
     from grasp.data.loaders import DataError
     from grasp.embedding.encoders import EmbeddingError
     from grasp.pipeline.stages import StageError
+    from grasp.training.checkpoint import CheckpointError
 
+    return (DataError, DownloadError, StageError, EmbeddingError, CheckpointError, ValueError, FileNotFoundError,
+            ImportError, FloatingPointError)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``grasp`` console script.
+
+    Errors in the user's input or environment print one line (``grasp CMD: error: ...``) and exit 2;
+    ``GRASP_DEBUG=1`` shows the traceback instead.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, StageError, EmbeddingError, ValueError, FileNotFoundError) as error:
+    except _expected_errors() as error:
+        if os.environ.get("GRASP_DEBUG"):
+            raise
         print(f"grasp {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

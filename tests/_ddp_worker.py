@@ -77,6 +77,22 @@ def make_dataset(seed: int, num_users: int = 48, num_items: int = 60, lengths: t
     return preprocess(raw)
 
 
+def gather_bank_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    """``torch.multiprocessing.spawn`` target: each rank writes a different number of users into an llmesr
+    distillation bank; every rank saves its bank to ``out_dir/bank{rank}.pt``."""
+    from grasp.models.recommender import NeighborDistillation
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        neighbors = np.ones((11, 2), dtype=np.int64)
+        module = NeighborDistillation(neighbors, width=3, alpha=0.1)
+        users = torch.arange(1, 11)[rank::world_size][: 5 - 2 * rank]  # rank 0: 5 users, rank 1: 3 users
+        module(users, users[:, None].float() * torch.tensor([1.0, 10.0, 100.0]))
+        torch.save({"bank": module.bank, "filled": module.filled}, Path(out_dir) / f"bank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def main(argv: list[str]) -> None:
     """torchrun entry: ``RUN_DIR DATA_SEED CONFIG_JSON`` (dataset kwargs under the ``"data"`` key)."""
     from grasp.training import TrainConfig, train

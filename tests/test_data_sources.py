@@ -566,3 +566,10 @@ def test_real_data_through_load_raw():
                      item_key="item_id:token")  # fmt: skip
     assert len(table) == 53_258 and np.array_equal(table.items, raw.items)
     assert table.item_attributes["B0000AG93P"]["text:token_seq"] == raw.item_attributes["B0000AG93P"]["text"]
+
+
+def test_csv_text_with_unicode_line_separators_stays_one_record(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text('user_id,item_id,timestamp,title\nu1,i1,1,"a\u2028b\x0bc"\nu1,i2,2,plain\nu1,i3,3,x\n', "utf-8")
+    raw = load_table(path, user="user_id", item="item_id", time="timestamp")
+    assert list(raw.items) == ["i1", "i2", "i3"]

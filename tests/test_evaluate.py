@@ -82,7 +82,7 @@ def test_group_metrics_empty_group_is_none():
 
 def test_eval_negatives_are_distinct_unseen_and_deterministic():
     data = make_dataset(_seed())
-    inter = InteractionSet(data)
+    inter = InteractionSet(data.sequences, data.num_items)
     neg = sample_eval_negatives(data, 20, seed=5)
     assert neg.shape == (data.num_users + 1, 20) and (neg[0] == 0).all()
     for u in range(1, data.num_users + 1):
@@ -196,5 +196,35 @@ def test_history_matrix_left_pads_last_items():
         full = np.append(data.train[u], data.valid_items[u])[-6:]
         np.testing.assert_array_equal(hist[u, 6 - len(full) :], full)
         assert (hist[u, : 6 - len(full)] == 0).all()
-    with pytest.raises(ValueError, match="split"):
-        history_matrix(data, "nope", 3)
+    with pytest.raises(ValueError, match="split must be 'valid' or 'test'"):
+        history_matrix(data, "train", 3)
+
+
+class LinearScorer(torch.nn.Module):
+    """Scores through a linear layer (which autocast would run in bfloat16); records the score dtypes."""
+
+    def __init__(self, num_items: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(4, num_items + 1)
+        self.dtypes = []
+
+    def score_all(self, users, seqs):
+        x = torch.randn(len(users), 4, generator=torch.Generator().manual_seed(0)) + users[:, None].float()
+        scores = self.proj(x)
+        self.dtypes.append(scores.dtype)
+        return scores
+
+    def score(self, users, seqs, candidates):
+        return self.score_all(users, seqs).gather(1, candidates)
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_evaluation_scores_in_float32_even_inside_autocast(full):
+    data = make_dataset(_seed(), num_users=12, num_items=40, lengths=(5, 10))
+    negatives = None if full else sample_eval_negatives(data, 10, seed=1)
+    model = LinearScorer(data.num_items)
+    expected = compute_ranks(model, data, "test", max_len=4, negatives=negatives)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # e.g. a caller training under --amp
+        ranks = compute_ranks(model, data, "test", max_len=4, negatives=negatives)
+    assert set(model.dtypes) == {torch.float32}
+    np.testing.assert_array_equal(ranks[2], expected[2])

@@ -171,11 +171,79 @@ def test_bert4rec_full_and_sampled_softmax(model):
     full = make("bert4rec", model, bert_negatives="full", mask_prob=0.5)
     sampled = make("bert4rec", model, bert_negatives=7, mask_prob=0.5)
     assert full.bert_negatives is None and sampled.bert_negatives == 7
-    assert make("bert4rec", model).bert_negatives == (256 if model == "grasp" else None)
+    assert make("bert4rec", model).bert_negatives == 256  # "auto": the same sampled loss for every model
     users, seqs, negatives = batch(min_real=5)
     for net in (full, sampled):
         loss = net.loss(users, seqs, negatives)
         assert torch.isfinite(loss) and loss > 0
+
+
+def test_grasp_full_softmax_scores_the_user_conditioned_items(monkeypatch):
+    net = make("bert4rec", "grasp", bert_negatives="full", mask_prob=0.5, dropout=0.0).eval()
+    seen = []
+    original = net.hidden
+    monkeypatch.setattr(net, "hidden", lambda users, seqs: seen.append(seqs) or original(users, seqs))
+    users, seqs, negatives = batch(min_real=6)
+    loss = net.loss(users, seqs, negatives)
+    chosen = seen[-1] == net.mask_token
+    assert chosen.any()
+    h = original(users, seen[-1])
+    # the enhancer's own chunked full-catalogue scorer, an independent path to every item's score
+    logits = net.encoder.score_all(users[chosen.nonzero()[:, 0]], h[chosen])[:, 1:]
+    expected = torch.nn.functional.cross_entropy(logits, seqs[:, 1:][chosen] - 1)
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("backbone", "model"), [(b, "id") for b in BACKBONES] + [("sasrec", "llmesr")])
+def test_first_item_has_no_context_and_is_never_a_target(backbone, model):
+    net = make(backbone, model, dropout=0.0, mask_prob=0.5)
+    users, seqs, negatives = batch(length=9, min_real=4)
+    seqs[:, :2], negatives[:, :2] = 0, 0  # every row is left-padded and keeps at least two items
+    first = (seqs > 0).int().argmax(1)
+    if backbone != "bert4rec":
+        rows = torch.arange(len(users))
+        changed = negatives.clone()
+        changed[rows, first] = changed[rows, first] % NUM_ITEMS + 1  # the negative paired with the first item
+        state = torch.get_rng_state()
+        before = net.loss(users, seqs, negatives)
+        torch.set_rng_state(state)
+        if net.distillation is not None:
+            net.distillation.filled.zero_()
+        torch.testing.assert_close(net.loss(users, seqs, changed), before)
+    # users with a single training item contribute nothing: zero loss, no NaN
+    single = torch.zeros_like(seqs)
+    single[:, -1] = seqs[:, -1]
+    if net.distillation is not None:
+        net.distillation.filled.zero_()
+    loss = net.loss(users, single, negatives * (single > 0))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_llmesr_teacher_bank_is_saved_but_the_neighbour_table_is_not():
+    tables = random_tables()
+    net = make("sasrec", "llmesr", tables)
+    users, seqs, negatives = batch(batch_size=NUM_USERS)
+    net.loss(torch.arange(1, NUM_USERS + 1), seqs, negatives)
+    state = net.state_dict()
+    assert {"distillation.bank", "distillation.filled"} <= set(state) and "distillation.neighbors" not in state
+    fresh = make("sasrec", "llmesr", tables)
+    fresh.load_state_dict(state)
+    assert fresh.distillation.filled[1:].all() and torch.equal(fresh.distillation.bank, net.distillation.bank)
+
+
+def test_llmesr_bank_gathers_unequal_shards_across_ranks(tmp_path):
+    from _ddp_worker import gather_bank_worker
+
+    torch.multiprocessing.spawn(gather_bank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    users = torch.tensor([1, 3, 5, 7, 9, 2, 4, 6])
+    expected = torch.zeros(11, 3)
+    expected[users] = users[:, None].float() * torch.tensor([1.0, 10.0, 100.0])
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"bank{rank}.pt")
+        torch.testing.assert_close(saved["bank"], expected)
+        assert saved["filled"].nonzero().squeeze(1).sort().values.tolist() == sorted(users.tolist())
 
 
 def test_hae_branch_ablations_resize_the_mlp_and_change_the_output():

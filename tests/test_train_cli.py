@@ -120,3 +120,27 @@ def test_torchrun_two_processes(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["epochs"] == 2
     assert result.stdout.count("# sasrec / id on synthetic") == 1  # only rank 0 reports
+
+
+def test_seeds_added_later_join_the_summary(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *DATA, *FAST, "--seeds", "1"]) == 0
+    assert main(["train", "--out", str(run), *DATA, *FAST, "--seeds", "2"]) == 0
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["seeds"] == [1, 2] and json.loads((run / "train.json").read_text())["seeds"] == [1, 2]
+
+
+def test_changed_tables_need_force(tmp_path, capsys, hash_encoder):  # noqa: F811
+    run = tmp_path / "run"
+    argv = ["train", "--out", str(run), *DATA, *FAST, "--model", "grasp"]
+    assert main(argv) == 0
+    assert main([*argv, "--k", "4"]) == 2  # retrieve runs again with another k: other tables
+    assert "the LLM tables (generate / embed / retrieve ran again" in capsys.readouterr().err
+
+
+def test_torchrun_failure_on_rank0_stops_every_rank(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "grasp.cli", "train", "--out", str(tmp_path / "run"), "--dataset", "recbole", *FAST]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "--data-dir" in result.stderr and "rank 0 failed before training" in result.stderr

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,13 @@ from safetensors.torch import load_file
 
 from grasp.training import TrainConfig, add_train_arguments, evaluate_run, train
 from grasp.training.batches import InteractionSet, TrainBatches
-from grasp.training.checkpoint import CheckpointError, load_weights, save_weights
+from grasp.training.checkpoint import (
+    CheckpointError,
+    load_training_state,
+    load_weights,
+    save_training_state,
+    save_weights,
+)
 from grasp.training.metrics import GROUPS
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
@@ -72,6 +79,10 @@ def test_flags_defaults_match_config_and_round_trip():
         ("--device cpu --amp", "--amp autocasts on CUDA only"),
         ("--batch-size 0", "--batch-size must be >= 1"),
         ("--dropout 1.0", "--dropout must be in"),
+        ("--hidden-size 10 --num-heads 3", r"--hidden-size \(10\) must be divisible by --num-heads \(3\)"),
+        ("--backbone sasrec --bert-negatives full", "--bert-negatives only apply to --backbone bert4rec"),
+        ("--backbone gru4rec --mask-prob 0.5", "--mask-prob only apply to --backbone bert4rec"),
+        ("--backbone bert4rec --mask-prob 0", "--mask-prob must be in"),
     ],
 )
 def test_incompatible_flags_rejected(argv, message):
@@ -79,11 +90,31 @@ def test_incompatible_flags_rejected(argv, message):
         TrainConfig.from_args(_parse(argv.split()))
 
 
+def test_bert4rec_flags_reach_the_model_and_config_json(tmp_path):
+    from grasp.training import build_recommender
+
+    assert TrainConfig().bert_negatives == "auto" and TrainConfig().mask_prob == 0.2
+    config = TrainConfig.from_args(_parse("--backbone bert4rec --bert-negatives 7 --mask-prob 0.4".split()))
+    assert config.bert_negatives == 7 and config.mask_prob == 0.4
+    assert TrainConfig.from_args(_parse("--backbone bert4rec --bert-negatives full".split())).bert_negatives == "full"
+    data = make_dataset(_seed(), num_users=16, num_items=40, lengths=(5, 10))
+    model = build_recommender(replace(config, d=8, max_len=4), data, None)
+    assert model.bert_negatives == 7 and model.mask_prob == 0.4
+    assert build_recommender(_config(backbone="bert4rec"), data, None).bert_negatives == 256  # auto, every model
+    train(tmp_path, data, None, _config(backbone="bert4rec", bert_negatives="full", mask_prob=0.5, epochs=1,
+                                        num_blocks=1), progress=False)  # fmt: skip
+    saved = json.loads((tmp_path / "config.json").read_text())["config"]
+    assert saved["bert_negatives"] == "full" and saved["mask_prob"] == 0.5
+
+
 def test_bad_eval_negatives_flag(capsys):
     for bad in ("0", "-3", "many"):
         with pytest.raises(SystemExit):
             _parse(["--eval-negatives", bad])
         assert "--eval-negatives must be an integer >= 1 or 'all'" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            _parse(["--bert-negatives", bad])
+        assert "--bert-negatives must be 'auto', 'full' or an integer >= 1" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown training config keys: bogus"):
         TrainConfig.from_dict({"bogus": 1})
 
@@ -94,7 +125,7 @@ def test_bad_eval_negatives_flag(capsys):
 def test_train_batches_shapes_negatives_and_replay():
     data = make_dataset(_seed())
     batches = TrainBatches(data, max_len=6, batch_size=10, seed=1)
-    inter = InteractionSet(data)
+    inter = InteractionSet(data.train, data.num_items)
     state = batches.state_dict()
     epoch = list(batches.epoch())
     seen = np.concatenate([u for u, _, _ in epoch])
@@ -116,6 +147,20 @@ def test_train_batches_shapes_negatives_and_replay():
         for x, y in zip(a, b, strict=True):
             np.testing.assert_array_equal(x, y)
     assert not all(np.array_equal(a[0], b[0]) for a, b in zip(epoch, second, strict=True))
+
+
+def test_training_negatives_exclude_training_items_only():
+    """Held-out (validation / test) items may be training negatives, as in SASRec and RecBole."""
+    data = make_dataset(_seed(), num_users=8, num_items=24, lengths=(10, 14))
+    batches = TrainBatches(data, max_len=12, batch_size=8, seed=_seed())
+    held_out = 0
+    for _ in range(30):
+        for users, _, negs in batches.epoch():
+            for u, row in zip(users, negs, strict=True):
+                drawn = set(row[row > 0].tolist())
+                assert not drawn & set(data.train[u].tolist())
+                held_out += len(drawn & {int(data.valid_items[u]), int(data.test_items[u])})
+    assert held_out > 0
 
 
 def test_train_batches_ddp_shards_union_is_global_batch():
@@ -161,12 +206,66 @@ def test_train_writes_outputs(tmp_path):
     assert full["test"]["overall"]["HR@10"] <= metrics["test"]["overall"]["HR@10"]  # more candidates, harder
 
 
+class DegradingOracle(torch.nn.Module):
+    """Scores ``w * oracle[user, item]`` where the oracle ranks each user's validation and test items first.
+
+    The loss is ``w`` itself: Adam lowers ``w`` by ``lr`` per step, from 1 through 0 to negative values, so
+    the ranking is perfect while ``w > 0`` and the worst possible once ``w < 0``.
+    """
+
+    objective = "next"
+
+    def __init__(self, dataset) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        oracle = torch.rand(dataset.num_users + 1, dataset.num_items + 1) * 0.5
+        users = torch.arange(1, dataset.num_users + 1)
+        oracle[users, torch.from_numpy(dataset.valid_items[1:])] = 1.0
+        oracle[users, torch.from_numpy(dataset.test_items[1:])] = 1.0
+        self.register_buffer("oracle", oracle, persistent=False)
+
+    def loss(self, users, seqs, negatives):
+        return self.w
+
+    def score(self, users, seqs, candidates):
+        return self.w * self.oracle[users[:, None], candidates]
+
+    def score_all(self, users, seqs):
+        scores = self.w * self.oracle[users]
+        scores[:, 0] = float("-inf")
+        return scores
+
+
 def test_early_stopping_keeps_best(tmp_path):
-    data = make_dataset(_seed())
-    # a learning rate this small leaves validation NDCG unchanged: no gain after epoch 1
-    metrics = train(tmp_path, data, None, _config(lr=1e-30, epochs=50, patience=2, dropout=0.0), progress=False,
-                    model_factory=tiny_factory)  # fmt: skip
+    data = make_dataset(_seed())  # 48 users, batch 16: 3 steps of -0.2 per epoch, w = 0.4, -0.2, -0.8
+    models = []
+
+    def factory(config, dataset, tables):
+        models.append(DegradingOracle(dataset))
+        models[-1].oracle = models[0].oracle  # evaluate_run's fresh model sees the same oracle
+        return models[-1]
+
+    metrics = train(tmp_path, data, None, _config(lr=0.2, epochs=50, patience=2, dropout=0.0), progress=False,
+                    model_factory=factory)  # fmt: skip
     assert metrics["best_epoch"] == 1 and metrics["epochs"] == 3 and metrics["stopped_early"]
+    valid = [float(r["valid_NDCG@10"]) for r in _epochs_rows(tmp_path)]
+    assert valid[0] == 100.0 and max(valid[1:]) < valid[0]
+    assert metrics["test"]["overall"]["NDCG@10"] == 100.0  # the test metrics come from best.safetensors
+    best = evaluate_run(tmp_path, data, None, device="cpu", model_factory=factory, print_table=False)
+    last = evaluate_run(tmp_path, data, None, checkpoint="last", device="cpu", model_factory=factory,
+                        print_table=False)  # fmt: skip
+    assert best["test"] == metrics["test"] and best["epoch"] == 1 and last["epoch"] == 3
+    assert last["test"]["overall"]["NDCG@10"] < metrics["test"]["overall"]["NDCG@10"]
+
+
+def test_training_state_loads_without_unpickling_objects(tmp_path):
+    train(tmp_path, make_dataset(_seed()), None, _config(epochs=1), progress=False, model_factory=tiny_factory)
+    state = load_training_state(tmp_path / "checkpoints" / "last.pt", tmp_path / "checkpoints" / "last.safetensors")
+    assert {"optimizer", "scaler", "batches", "rng", "trainer"} <= set(state)
+    assert isinstance(state["rng"][0]["python"], tuple) and torch.is_tensor(state["rng"][0]["torch"])
+    save_training_state(tmp_path / "evil.pt", {"epoch": 1, "payload": argparse.Namespace(x=1)})
+    with pytest.raises(CheckpointError, match="unreadable training state"):
+        load_training_state(tmp_path / "evil.pt", tmp_path / "checkpoints" / "last.safetensors")
 
 
 def test_full_ranking_run(tmp_path):
@@ -297,10 +396,13 @@ def _random_tables(data, dim: int = 12, k: int = 3):
                   item_neighbors=neighbors(data.num_items))  # fmt: skip
 
 
-@pytest.mark.parametrize(("backbone", "model"), [("sasrec", "id"), ("sasrec", "grasp"), ("bert4rec", "id")])
+@pytest.mark.parametrize(
+    ("backbone", "model"),
+    [("sasrec", "id"), ("sasrec", "grasp"), ("bert4rec", "id"), ("sasrec", "llmesr"), ("gru4rec", "llminit")],
+)
 def test_real_models_train_and_resume_exactly(tmp_path, backbone, model):
     pytest.importorskip("grasp.models")
-    data = make_dataset(_seed(), num_users=32, num_items=40)
+    data = make_dataset(_seed(), num_users=32, num_items=40, lengths=(5, 15))  # >= 20 eval negatives per user
     tables = _random_tables(data) if model != "id" else None
     config = _config(backbone=backbone, model=model, epochs=2, num_blocks=1, batch_size=8)
     straight = train(tmp_path / "a", data, tables, config, progress=False)
@@ -312,4 +414,6 @@ def test_real_models_train_and_resume_exactly(tmp_path, backbone, model):
     assert _without_timing(resumed) == _without_timing(straight)
     a = load_file(tmp_path / "a" / "checkpoints" / "last.safetensors")
     b = load_file(tmp_path / "b" / "checkpoints" / "last.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if model == "llmesr":  # the distillation teacher bank is saved, so resuming continues with it
+        assert a["distillation.filled"][1:].all()

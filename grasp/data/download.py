@@ -24,9 +24,10 @@ import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from grasp._io import sha256_file
 from grasp.data.loaders import DataError
 
-__all__ = ["MOVIELENS_URL", "MOVIELENS_SHA256", "DownloadError", "default_cache_dir", "fetch_movielens", "sha256_file"]
+__all__ = ["MOVIELENS_URL", "MOVIELENS_SHA256", "DownloadError", "default_cache_dir", "fetch_movielens"]
 
 #: Where GroupLens serves the archives: ``<MOVIELENS_URL>/<name>.zip``.
 MOVIELENS_URL = "https://files.grouplens.org/datasets/movielens"
@@ -46,15 +47,6 @@ class DownloadError(RuntimeError):
 def default_cache_dir() -> Path:
     """The download cache: ``$GRASP_CACHE`` when set, else ``~/.cache/grasp``."""
     return Path(os.environ.get("GRASP_CACHE") or Path.home() / ".cache" / "grasp").expanduser()
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _offline_hint(name: str, url: str) -> str:
@@ -92,6 +84,7 @@ def _download(url: str, target: Path, expected: str, name: str, progress: bool) 
             raise DataError(
                 target, None, f"sha256 mismatch for {url}: expected {expected}, got {got}; the download was discarded"
             )
+        os.chmod(temporary, 0o644)
         os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)

@@ -15,6 +15,7 @@ without a zone is read as UTC. Parquet timestamp columns are converted the same 
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
@@ -84,11 +85,13 @@ def _read(path: Path, sep: str | None, columns: list[str] | None, key: str | Non
         raise DataError(path, None, "file not found" if not path.exists() else "not a regular file")
     if sep is None:
         return _read_parquet(path, columns, key)
-    lines = _read_text(path, "utf-8").splitlines()
+    text = _read_text(path, "utf-8")
     if len(sep) == 1:
-        reader = csv.reader(lines, delimiter=sep)
+        # Only \n, \r\n and \r end a record (str.splitlines would also split on \x0b, \x1c, \u2028, ...).
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
         records = ((reader.line_num, fields) for fields in reader)
     else:
+        lines = text.replace("\r\n", "\n").split("\n")
         records = ((number, line.split(sep)) for number, line in enumerate(lines, 1))
     header_line, header = next(((n, f) for n, f in records if "".join(f).strip()), (None, None))
     if header is None:

@@ -204,7 +204,7 @@ class OpenAIEmbeddingEncoder:
         self._options: dict[str, Any] = {"model": model, "encoding_format": "float"}
         if dimensions is not None:
             self._options["dimensions"] = dimensions
-        self._variant = json.dumps({"model": model, "dimensions": dimensions}, sort_keys=True)
+        self._variant = json.dumps({"model": model, "dimensions": dimensions, "base_url": base_url}, sort_keys=True)
         self._dimension = dimensions or _OPENAI_DIMENSIONS.get(model)
         self.stats: dict[str, float] = {}
 

@@ -95,7 +95,7 @@ class OpenAIGenerator:
         system_prompt: the system message sent before every prompt.
         temperature, max_tokens: sampling settings sent with every request (None leaves them out).
 
-    The cache key covers the model, system prompt, temperature and max_tokens, so changing any of them asks
+    The cache key covers the server, model, system prompt, temperature and max_tokens, so changing any of them asks
     again instead of reusing answers made under other settings.
     """
 
@@ -132,7 +132,9 @@ class OpenAIGenerator:
         if max_tokens is not None:
             self._options["max_tokens"] = max_tokens
         self.system_prompt = system_prompt
-        self._variant = json.dumps({**self._options, "system_prompt": system_prompt}, sort_keys=True)
+        self._variant = json.dumps(
+            {**self._options, "system_prompt": system_prompt, "base_url": base_url}, sort_keys=True
+        )
 
     def __repr__(self) -> str:
         return f"OpenAIGenerator(model={self.model!r}, runner={self._runner!r}, cache={self.cache!r})"

@@ -28,7 +28,7 @@ BACKBONES = ("sasrec", "bert4rec", "gru4rec")
 MODELS = ("id", "grasp", "llminit", "llmesr")
 DEFAULT_BRANCHES = ("self", "similar", "global")
 ACTIVATIONS = ("sigmoid", "softmax")
-#: Sampled-softmax size of BERT4Rec + grasp under ``bert_negatives="auto"``.
+#: Sampled-softmax size of BERT4Rec under ``bert_negatives="auto"`` (every model: the same loss for all).
 AUTO_BERT_NEGATIVES = 256
 
 #: Tables each model reads.
@@ -77,9 +77,11 @@ def build_model(
         llmesr_alpha: weight of LLM-ESR's self-distillation term (model ``"llmesr"`` only).
         mask_prob: BERT4Rec's masking probability.
         bert_negatives: BERT4Rec's loss: ``"full"`` (cross-entropy over the whole catalogue), a positive
-            int K (sampled softmax over the target and K uniform items), or ``"auto"``: full, except for
-            ``"grasp"`` whose user-conditioned item vectors would need ``B x num_items`` enhancer passes per
-            step: K = 256 there.
+            int K (sampled softmax over the target and K uniform items), or ``"auto"``: K = 256
+            (:data:`AUTO_BERT_NEGATIVES`) for every model, so all models on a dataset train with the same
+            loss. ``"full"`` for ``"grasp"`` runs the enhancer on ``B x num_items`` (user, item) pairs per
+            step (its item vectors are user-conditioned): tens of times slower than a training step
+            otherwise and memory-hungry, hence not the default.
 
     Raises:
         ValueError: naming the argument: unknown backbone / model / branch / activation, out-of-range sizes,
@@ -103,7 +105,7 @@ def build_model(
         raise ValueError(f"mask_prob must be in (0, 1], got {mask_prob!r}")
     if not (math.isfinite(llmesr_alpha) and llmesr_alpha >= 0):
         raise ValueError(f"llmesr_alpha must be a finite number >= 0, got {llmesr_alpha!r}")
-    negatives = _bert_negatives(bert_negatives, model)
+    negatives = _bert_negatives(bert_negatives)
     branches = _check_hae_flags(model, hae_branches, activation, attention)
     if model != "llmesr" and llmesr_alpha != 0.1:
         raise ValueError(f"llmesr_alpha applies to model 'llmesr' only, not {model!r}")
@@ -151,9 +153,9 @@ def build_model(
     )
 
 
-def _bert_negatives(value: int | str, model: str) -> int | None:
+def _bert_negatives(value: int | str) -> int | None:
     if value == "auto":
-        return AUTO_BERT_NEGATIVES if model == "grasp" else None
+        return AUTO_BERT_NEGATIVES
     if value == "full":
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

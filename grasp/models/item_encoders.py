@@ -100,6 +100,8 @@ class IdEncoder(nn.Module):
     #: Whether an item's vector is independent of the other items in the call (lets the loss encode the
     #: inputs, targets and negatives in one pass).
     pointwise = True
+    #: Whether an item's vector depends on the user (then there is no single item table to score against).
+    user_conditioned = False
 
     def __init__(self, num_items: int, d: int, *, init: Tensor | None = None) -> None:
         super().__init__()
@@ -263,6 +265,8 @@ class GraspEnhancer(nn.Module):
 
 class GraspEncoder(IdEncoder):
     """GRASP item representation ``id_embedding(item) + GraspEnhancer(user, item)`` (user-conditioned)."""
+
+    user_conditioned = True
 
     def __init__(self, num_items: int, d: int, enhancer: GraspEnhancer) -> None:
         super().__init__(num_items, d)

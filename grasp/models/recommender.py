@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -20,10 +21,15 @@ class NeighborDistillation(nn.Module):
     embeddings), detached, with an MSE loss weighted by ``alpha``. Encoding the neighbours' sequences would
     need every user's history inside the model and k extra forward passes per batch. Here the teacher is the
     mean of the neighbours' representations as last computed during training: every :meth:`forward` stores
-    the batch users' detached representations in a ``[num_users + 1, width]`` bank (a non-persistent buffer,
-    refilled within one epoch after a restart). Neighbours not seen yet are left out of the mean; users
-    with none seen contribute nothing. So the teacher is the same quantity as LLM-ESR's, at most one epoch
-    stale.
+    the batch users' detached representations in a ``[num_users + 1, width]`` bank. Neighbours not seen yet
+    are left out of the mean; users with none seen contribute nothing. So the teacher is the same quantity
+    as LLM-ESR's, at most one epoch stale.
+
+    ``bank`` and ``filled`` are persistent buffers: they are saved with the weights, so a resumed run
+    continues with the same teacher (exact resume). The neighbour table is frozen input, rebuilt from the
+    tables and not saved. Under ``torch.distributed`` (training only) every rank all-gathers the batch users
+    and representations of all ranks (shards may differ in size by a few users) before writing the bank,
+    so every rank's bank equals the single-process bank.
 
     Args:
         neighbors: int ``[num_users + 1, k]`` neighbour ids (``Tables.user_neighbors``).
@@ -35,8 +41,8 @@ class NeighborDistillation(nn.Module):
         super().__init__()
         self.alpha = alpha
         self.register_buffer("neighbors", torch.as_tensor(np.asarray(neighbors, dtype=np.int64)), persistent=False)
-        self.register_buffer("bank", torch.zeros(len(neighbors), width), persistent=False)
-        self.register_buffer("filled", torch.zeros(len(neighbors), dtype=torch.bool), persistent=False)
+        self.register_buffer("bank", torch.zeros(len(neighbors), width))
+        self.register_buffer("filled", torch.zeros(len(neighbors), dtype=torch.bool))
 
     def forward(self, users: Tensor, rep: Tensor) -> Tensor:
         """Unweighted MSE between ``rep [B, width]`` and the teachers; then store ``rep`` in the bank."""
@@ -48,9 +54,36 @@ class NeighborDistillation(nn.Module):
         has_teacher = count.squeeze(-1) > 0
         loss = (per_user * has_teacher).sum() / has_teacher.sum().clamp(min=1)
         with torch.no_grad():
-            self.bank[users] = rep.detach().to(self.bank.dtype)
+            users, rep = _gather_from_ranks(users, rep.detach().to(self.bank.dtype))
+            self.bank[users] = rep
             self.filled[users] = True
         return loss
+
+
+def _gather_from_ranks(users: Tensor, rep: Tensor) -> tuple[Tensor, Tensor]:
+    """``(users, rep)`` concatenated over the ranks of the default process group (unchanged without one).
+
+    Shards may differ in length: each rank pads its rows to the longest shard, all ranks all-gather, and
+    the padding rows are dropped.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return users, rep
+    world = dist.get_world_size()
+    size = torch.tensor([len(users)], device=users.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded_users = users.new_zeros(longest)
+    padded_users[: len(users)] = users
+    padded_rep = rep.new_zeros(longest, rep.shape[1])
+    padded_rep[: len(rep)] = rep
+    all_users = [torch.zeros_like(padded_users) for _ in range(world)]
+    all_rep = [torch.zeros_like(padded_rep) for _ in range(world)]
+    dist.all_gather(all_users, padded_users)
+    dist.all_gather(all_rep, padded_rep)
+    counts = [int(s.item()) for s in sizes]
+    users = torch.cat([u[:n] for u, n in zip(all_users, counts, strict=True)])
+    return users, torch.cat([r[:n] for r, n in zip(all_rep, counts, strict=True)])
 
 
 class Recommender(nn.Module):
@@ -63,8 +96,10 @@ class Recommender(nn.Module):
             encoded by the same backbone (stacked along the batch) and concatenated.
         backbone: ``backbone(x [B, L, d], mask [B, L]) -> [B, L, d]`` (:mod:`grasp.models.backbones`).
         mask_prob: BERT4Rec's masking probability of each real item.
-        bert_negatives: ``None``: BERT4Rec's cross-entropy over the full catalogue; ``K``: a sampled softmax
-            over the target and K items drawn uniformly (shared by the batch, accidental hits removed).
+        bert_negatives: ``None``: BERT4Rec's cross-entropy over the full catalogue (a user-conditioned
+            encoder, GRASP's, encodes every item for every user of the batch: costly); ``K``: a sampled
+            softmax over the target and K items drawn uniformly (shared by the batch, accidental hits
+            removed).
         distillation: LLM-ESR's :class:`NeighborDistillation`, or None.
 
     All sequences are left-padded with 0; items are 1..num_items; randomness uses the torch global RNG.
@@ -125,7 +160,10 @@ class Recommender(nn.Module):
             h, loss = self._next_item_loss(users, seqs, negatives[:, 1:])
         else:
             targets = seqs[:, 1:]
-            chosen = (torch.rand(targets.shape, device=targets.device) < self.mask_prob) & (targets > 0)
+            # Only sequences with two or more items are masked: a lone item would be predicted from nothing.
+            real = targets > 0
+            chosen = (torch.rand(targets.shape, device=targets.device) < self.mask_prob) & real
+            chosen &= real.sum(1, keepdim=True) >= 2
             h = self.hidden(users, targets.masked_fill(chosen, self.mask_token))
             loss = self._cloze_loss(users, h, targets, chosen)
         if self.distillation is not None:
@@ -142,7 +180,9 @@ class Recommender(nn.Module):
         else:
             x, pos_rep, neg_rep = (self.encoder(users, t) for t in (seqs[:, :-1], seqs[:, 1:], negatives))
         h = self._encode(x, seqs[:, :-1] > 0)
-        valid = seqs[:, 1:] > 0
+        # A target needs a real item before it: the first item (all-padding context) is never a target, so a
+        # user with one item contributes nothing.
+        valid = (seqs[:, 1:] > 0) & (seqs[:, :-1] > 0)
         pos, neg = (h * pos_rep).sum(-1), (h * neg_rep).sum(-1)
         per_position = F.softplus(-pos) + F.softplus(neg)  # BCE(pos, 1) + BCE(neg, 0)
         return h, (per_position * valid).sum() / valid.sum().clamp(min=1)
@@ -150,7 +190,11 @@ class Recommender(nn.Module):
     def _cloze_loss(self, users: Tensor, h: Tensor, targets: Tensor, chosen: Tensor) -> Tensor:
         count = chosen.sum().clamp(min=1)
         if self.bert_negatives is None:
-            logits = h[chosen] @ self.encoder.item_table()[1:].T
+            if self.encoder.user_conditioned:  # every item's vector for every user: B x num_items encodings
+                items = torch.arange(1, self.num_items + 1, device=targets.device).expand(len(users), -1)
+                logits = torch.bmm(h, self.encoder(users, items).transpose(1, 2))[chosen]
+            else:
+                logits = h[chosen] @ self.encoder.item_table()[1:].T
             return F.cross_entropy(logits, targets[chosen] - 1, reduction="sum") / count
         sampled = torch.randint(1, self.num_items + 1, (self.bert_negatives,), device=targets.device)
         sampled_rep = self.encoder(users, sampled.expand(len(users), -1))

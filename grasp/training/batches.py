@@ -1,7 +1,9 @@
 """Training batches: one left-padded sequence per user per epoch, with sampled negatives (SASRec style).
 
 Each epoch :class:`TrainBatches` shuffles the users, and for every position of every user's sequence draws
-one negative item the user never interacted with (in any split) by vectorised rejection sampling. All
+one negative item that is not among the user's *training* items by vectorised rejection sampling (as
+pmixer's SASRec and RecBole do: the held-out validation and test items may be drawn as negatives, since
+training must not know them). All
 randomness comes from one seeded :class:`numpy.random.Generator` whose state is checkpointed
 (:meth:`TrainBatches.state_dict`), so a resumed run draws exactly what an uninterrupted one would.
 Under DDP every rank draws the same permutation and negatives and takes its own share of each batch, so
@@ -33,31 +35,37 @@ def pad_left(sequences: Sequence[np.ndarray], length: int) -> np.ndarray:
 def history_matrix(dataset: Dataset, split: str, length: int) -> np.ndarray:
     """``int64 [num_users + 1, length]``: the history before ``split``'s target, left-padded (row 0 zeros).
 
-    ``"train"`` gives the training sequences themselves, ``"valid"`` the training items (what predicts
-    the validation item) and ``"test"`` the training items plus the validation item.
+    ``"valid"`` gives the training items (what predicts the validation item), ``"test"`` the training
+    items plus the validation item.
     """
-    if split == "train" or split == "valid":
+    if split == "valid":
         return pad_left(dataset.train, length)
     if split == "test":
         seqs = [dataset.train[0]] + [
             np.append(dataset.train[u], dataset.valid_items[u]) for u in range(1, dataset.num_users + 1)
         ]
         return pad_left(seqs, length)
-    raise ValueError(f"split must be 'train', 'valid' or 'test', got {split!r}")
+    raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
 
 
 class InteractionSet:
-    """Which (user, item) pairs occur anywhere in a dataset (train, validation or test), for vectorised lookups."""
+    """Which (user, item) pairs occur in per-user item sequences, for vectorised lookups.
 
-    def __init__(self, dataset: Dataset) -> None:
-        self.num_items = dataset.num_items
+    Args:
+        sequences: item ids per user id (index 0 = padding user), e.g. ``dataset.sequences`` (every split:
+            evaluation negatives) or ``dataset.train`` (training items only: training negatives).
+        num_items: items are ``1..num_items``.
+    """
+
+    def __init__(self, sequences: Sequence[np.ndarray], num_items: int) -> None:
+        self.num_items = num_items
         users = np.concatenate(
-            [np.full(len(s), u, dtype=np.int64) for u, s in enumerate(dataset.sequences) if len(s)]
+            [np.full(len(s), u, dtype=np.int64) for u, s in enumerate(sequences) if len(s)]
             or [np.zeros(0, dtype=np.int64)]
         )
-        items = np.concatenate([s for s in dataset.sequences if len(s)] or [np.zeros(0, dtype=np.int64)])
+        items = np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences if len(s)] or [users[:0]])
         self._keys = np.unique(users * (self.num_items + 1) + items)
-        self.counts = np.bincount(self._keys // (self.num_items + 1), minlength=dataset.num_users + 1)
+        self.counts = np.bincount(self._keys // (self.num_items + 1), minlength=len(sequences))
 
     def contains(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Boolean array (broadcast shape of ``users`` and ``items``): did the user interact with the item?"""
@@ -67,11 +75,11 @@ class InteractionSet:
         return self._keys[pos] == keys if len(self._keys) else np.zeros(keys.shape, dtype=bool)
 
     def sample_negatives(self, rng: np.random.Generator, users: np.ndarray, shape_per_user: int) -> np.ndarray:
-        """``int64 [len(users), shape_per_user]`` items each user never interacted with (repeats allowed)."""
+        """``int64 [len(users), shape_per_user]`` items not in each user's set (repeats allowed)."""
         users = np.asarray(users, dtype=np.int64)
         full = users[self.counts[users] >= self.num_items]
         if len(full):
-            raise ValueError(f"user {int(full[0])} interacted with every item: no negative item to sample")
+            raise ValueError(f"user {int(full[0])} has every item in its set: no negative item to sample")
         out = rng.integers(1, self.num_items + 1, size=(len(users), shape_per_user), dtype=np.int64)
         row_users = np.broadcast_to(users[:, None], out.shape)
         bad = np.flatnonzero(self.contains(row_users, out))
@@ -87,7 +95,8 @@ class TrainBatches:
     """Per-epoch training batches of ``(users, seqs, negatives)``.
 
     ``seqs`` holds each user's last ``max_len + 1`` training items, left-padded with 0; ``negatives`` one
-    never-interacted item per position (0 where ``seqs`` is 0). Users with no training item are skipped.
+    item per position that is not among the user's training items (0 where ``seqs`` is 0). Users with no
+    training item are skipped.
 
     Args:
         dataset: the preprocessed dataset.
@@ -104,7 +113,7 @@ class TrainBatches:
         self.users = np.flatnonzero(self.seqs[:, -1] > 0).astype(np.int64)
         if len(self.users) == 0:
             raise ValueError(f"dataset {dataset.name!r} has no user with a training item")
-        self.interactions = InteractionSet(dataset)
+        self.interactions = InteractionSet(dataset.train, dataset.num_items)
         self.rng = np.random.Generator(np.random.PCG64(seed))
 
     def __len__(self) -> int:

@@ -6,7 +6,8 @@ epoch) and ``checkpoints/best.safetensors`` (the weights with the best validatio
 * ``*.safetensors``: the model's ``state_dict`` (CPU copies), with string metadata (``epoch``, ...).
 * ``last.pt`` (``torch.save``): optimizer and gradient-scaler state, and the trainer state (epoch, best
   metric, patience counter, epoch history, the RNG states of torch, CUDA, Python ``random`` and the
-  batch sampler's numpy generator, per rank).
+  batch sampler's numpy generator, per rank). It holds only tensors and plain Python values, and is
+  read back with ``torch.load(weights_only=True)`` (no arbitrary unpickling).
 
 Every file is written to a temporary name in the same directory and renamed into place
 (:mod:`grasp._io`), so a crash never leaves a half-written file; the weights are written before the
@@ -82,13 +83,16 @@ def load_training_state(path: str | Path, weights_path: str | Path) -> dict[str,
     """The state saved by :func:`save_training_state`, checked against the epoch in ``weights_path``'s metadata.
 
     Raises:
-        CheckpointError: a file is missing or the two files come from different epochs.
+        CheckpointError: a file is missing or unreadable, or the two files come from different epochs.
     """
     path, weights_path = Path(path), Path(weights_path)
     for p in (path, weights_path):
         if not p.is_file():
             raise CheckpointError(f"{p}: checkpoint not found")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, or one holding objects the safe unpickler refuses
+        raise CheckpointError(f"{path}: unreadable training state ({type(e).__name__}: {e})") from e
     with safe_open(str(weights_path), framework="pt") as f:
         weights_epoch = (f.metadata() or {}).get("epoch")
     if weights_epoch != str(state.get("epoch")):

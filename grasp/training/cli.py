@@ -22,8 +22,12 @@ import torch
 import torch.distributed as dist
 
 from grasp._io import write_json
+from grasp.data.loaders import DataError
+from grasp.data.preprocess import Dataset
 from grasp.data.store import load_dataset
 from grasp.pipeline.cli import add_stage_arguments, run_stages
+from grasp.pipeline.manifest import Manifest
+from grasp.pipeline.stages import StageError
 from grasp.pipeline.tables import Tables
 from grasp.training.config import TrainConfig, add_train_arguments
 from grasp.training.report import write_report, write_summary
@@ -49,24 +53,83 @@ def add_train_command_arguments(parser: argparse.ArgumentParser) -> None:
                        help="continue interrupted seeds from their last checkpoint")  # fmt: skip
 
 
-def _check_run(run_dir: Path, record: dict[str, Any], force: bool) -> None:
-    """Refuse a run directory that was made for another config (unless ``force``)."""
+def _read_record(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / _RUN_FILE
     if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not all(key in record for key in ("config", "pipeline_dir", "seeds")):
+            raise KeyError("config, pipeline_dir, seeds")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise DataError(path, None, f"not a grasp train record ({error!r}); remove it or use another --out") from None
+    return record
+
+
+def _read_metrics(seed_dir: Path) -> dict[str, Any] | None:
+    path = seed_dir / "metrics.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _check_run(run_dir: Path, record: dict[str, Any], force: bool) -> None:
+    """Refuse a run directory made for another config, dataset location or LLM tables (unless ``force``)."""
+    old = _read_record(run_dir)
+    if old is None or force:
         return
-    old = json.loads(path.read_text(encoding="utf-8"))
-    diff = sorted(
-        k for k in set(old["config"]) | set(record["config"]) if old["config"].get(k) != record["config"].get(k)
-    )
-    if old.get("pipeline_dir") != record["pipeline_dir"]:
-        diff.append("pipeline_dir")
-    if diff and not force:
-        details = ", ".join(f"{k}: {old['config'].get(k, old.get(k))!r} -> {record['config'].get(k, record.get(k))!r}"
-                            for k in diff)  # fmt: skip
+    keys = sorted(set(old["config"]) | set(record["config"]))
+    diff = [f"{k}: {old['config'].get(k)!r} -> {record['config'].get(k)!r}"
+            for k in keys if old["config"].get(k) != record["config"].get(k)]  # fmt: skip
+    if old["pipeline_dir"] != record["pipeline_dir"]:
+        diff.append(f"pipeline_dir: {old['pipeline_dir']} -> {record['pipeline_dir']}")
+    if "tables" in record and old.get("tables") != record["tables"]:
+        diff.append("the LLM tables (generate / embed / retrieve ran again with other inputs)")
+    if diff:
         raise ValueError(
-            f"{run_dir} belongs to a different training config ({details}); use another --out, or --force to "
-            f"train this config there"
+            f"{run_dir} belongs to a different training config ({', '.join(diff)}); use another --out, or --force "
+            f"to train this config there"
         )
+
+
+def _table_hashes(pipeline_dir: Path) -> dict[str, str]:
+    """sha256 of the table files as the manifest recorded them: identifies the tables a run trained on."""
+    manifest = Manifest(pipeline_dir)
+    return dict(sorted({**manifest.output_hashes("embed"), **manifest.output_hashes("retrieve")}.items()))
+
+
+def _load_tables(pipeline_dir: Path, dataset: Dataset) -> Tables:
+    return Tables.load(pipeline_dir / "embeddings", num_users=dataset.num_users, num_items=dataset.num_items)
+
+
+def _stages_on_rank0(
+    args: argparse.Namespace, config: TrainConfig, pipeline_dir: Path, main_rank: bool
+) -> tuple[Dataset, Tables | None]:
+    """Run the missing stages (under torchrun on rank 0 only; the other ranks wait, then read the results).
+
+    Rank 0 tells the others whether the stages succeeded, so an error there stops every rank at once
+    instead of leaving them waiting at a barrier.
+    """
+    stage_args = copy.copy(args)
+    stage_args.out, stage_args.force = pipeline_dir, False
+    until = "prepare" if config.model == "id" or args.no_generate else "retrieve"
+    error: BaseException | None = None
+    if main_rank:
+        try:
+            dataset, tables = run_stages(stage_args, until)
+            if config.model != "id" and tables is None:
+                tables = _load_tables(pipeline_dir, dataset)
+        except BaseException as failure:
+            error = failure
+    if dist.is_initialized():
+        status = [None if error is None else f"{type(error).__name__}: {error}"]
+        dist.broadcast_object_list(status, src=0)
+        if not main_rank:
+            if status[0] is not None:
+                raise StageError(f"rank 0 failed before training: {status[0]}")
+            dataset = load_dataset(pipeline_dir / "data")
+            tables = None if config.model == "id" else _load_tables(pipeline_dir, dataset)
+    if error is not None:
+        raise error
+    return dataset, tables
 
 
 def _init_distributed(config: TrainConfig) -> bool:
@@ -97,32 +160,23 @@ def train_main(args: argparse.Namespace) -> int:
     owns_group = _init_distributed(config)
     main_rank = not dist.is_initialized() or dist.get_rank() == 0
     try:
-        stage_args = copy.copy(args)
-        stage_args.out, stage_args.force = pipeline_dir, False
-        until = "prepare" if config.model == "id" or args.no_generate else "retrieve"
-        if not main_rank:
-            dist.barrier()  # wait for rank 0 to finish the stages, then read what it wrote
-        dataset, tables = run_stages(stage_args, until)
-        if main_rank and dist.is_initialized():
-            dist.barrier()
-        if config.model != "id" and tables is None:
-            tables = Tables.load(pipeline_dir / "embeddings", num_users=dataset.num_users, num_items=dataset.num_items)
+        dataset, tables = _stages_on_rank0(args, config, pipeline_dir, main_rank)
+        record["tables"] = _table_hashes(pipeline_dir) if tables is not None else None
+        _check_run(run_dir, record, args.force)  # again, now that the tables are known
+        all_seeds = seeds
         if main_rank:
-            write_json(run_dir / _RUN_FILE, {**record, "seeds": seeds})
-        results = []
+            old = _read_record(run_dir)
+            earlier = old["seeds"] if old and old["config"] == record["config"] and not args.force else []
+            all_seeds = sorted(set(earlier) | set(seeds))
+            write_json(run_dir / _RUN_FILE, {**record, "seeds": all_seeds})
+        finished = {}
         for seed in seeds:
-            results.append(
-                train(
-                    run_dir / f"seed{seed}",
-                    dataset,
-                    tables,
-                    replace(config, seed=seed),
-                    resume=args.resume,
-                    progress=not args.no_progress,
-                    force=args.force,
-                )  # fmt: skip
-            )
+            finished[seed] = train(run_dir / f"seed{seed}", dataset, tables, replace(config, seed=seed),
+                                   resume=args.resume, progress=not args.no_progress, force=args.force)  # fmt: skip
         if main_rank:
+            # The summary covers every seed this directory holds, also those of earlier commands.
+            results = [finished.get(seed) or _read_metrics(run_dir / f"seed{seed}") for seed in all_seeds]
+            results = [r for r in results if r is not None]
             if len(results) == 1:
                 write_json(run_dir / "metrics.json", results[0])
                 report = write_report(run_dir, results[0])
@@ -151,15 +205,15 @@ def evaluate_main(args: argparse.Namespace) -> int:
     from grasp.training.trainer import evaluate_run
 
     run_dir: Path = args.run_dir
-    path = run_dir / _RUN_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; is {run_dir} a directory written by `grasp train`?")
-    record = json.loads(path.read_text(encoding="utf-8"))
+    record = _read_record(run_dir)
+    if record is None:
+        raise FileNotFoundError(f"{run_dir / _RUN_FILE}: missing; is {run_dir} a directory written by `grasp train`?")
     pipeline_dir = Path(record["pipeline_dir"])
     dataset = load_dataset(pipeline_dir / "data")
-    tables = None
-    if record["config"]["model"] != "id":
-        tables = Tables.load(pipeline_dir / "embeddings", num_users=dataset.num_users, num_items=dataset.num_items)
+    tables = None if record["config"]["model"] == "id" else _load_tables(pipeline_dir, dataset)
+    if tables is not None and record.get("tables") != _table_hashes(pipeline_dir):
+        raise ValueError(f"{pipeline_dir}: the LLM tables changed since {run_dir} was trained; evaluating its "
+                         "checkpoints with them would mix two sets of tables")  # fmt: skip
     negatives = None if args.eval_negatives is None else parse_eval_negatives(args.eval_negatives)
     for seed in record["seeds"]:
         print(f"## {run_dir / f'seed{seed}'}")

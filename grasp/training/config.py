@@ -11,12 +11,16 @@ import argparse
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-__all__ = ["TrainConfig", "add_train_arguments", "BACKBONES", "MODEL_KINDS", "HAE_BRANCHES", "RUN_DEFINING_EXCLUDED"]
+from grasp.models.build import ACTIVATIONS, BACKBONES, DEFAULT_BRANCHES, MODELS
 
-BACKBONES = ("sasrec", "bert4rec", "gru4rec")
-MODEL_KINDS = ("id", "grasp", "llminit", "llmesr")
-HAE_BRANCHES = ("self", "similar", "global")
-ACTIVATIONS = ("sigmoid", "softmax")
+__all__ = [
+    "TrainConfig",
+    "add_train_arguments",
+    "parse_bert_negatives",
+    "parse_eval_negatives",
+    "RUN_DEFINING_EXCLUDED",
+]
+
 DEVICES = ("auto", "cpu", "cuda")
 
 #: Fields that do not change what a run computes (how long, where, how it is logged). A run directory
@@ -33,6 +37,10 @@ class TrainConfig:
         d, max_len, dropout, num_blocks, num_heads: backbone size.
         hae_branches, activation, attention, hae_backend: GRASP enhancer options (``model="grasp"`` only).
         llmesr_alpha: LLM-ESR self-distillation weight (``model="llmesr"`` only).
+        bert_negatives: BERT4Rec's loss (``backbone="bert4rec"`` only): ``"auto"`` (a 256-item sampled
+            softmax for every model, so all models share one loss), ``"full"`` (cross-entropy over the
+            catalogue; slow for ``model="grasp"``) or a sample size; see :func:`grasp.models.build_model`.
+        mask_prob: BERT4Rec's masking probability (``backbone="bert4rec"`` only).
         epochs: the most epochs to train; patience: stop after this many epochs without a validation
             NDCG@10 gain.
         batch_size: users per optimisation step (the global batch: under DDP each rank gets an equal share).
@@ -42,7 +50,8 @@ class TrainConfig:
         eval_seed: seed of the evaluation negatives (fixed, the same for every model and training seed).
         eval_batch_size: users per evaluation batch.
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
-        amp: bfloat16 (or float16 where bfloat16 is unsupported) autocast on CUDA.
+        amp: bfloat16 (or float16 where bfloat16 is unsupported) autocast of training steps on CUDA;
+            evaluation always runs in float32.
         compile: ``torch.compile`` the training step.
         tensorboard: log loss and validation metrics to ``run_dir/tensorboard``.
     """
@@ -54,11 +63,13 @@ class TrainConfig:
     dropout: float = 0.2
     num_blocks: int = 2
     num_heads: int = 1
-    hae_branches: tuple[str, ...] = HAE_BRANCHES
+    hae_branches: tuple[str, ...] = DEFAULT_BRANCHES
     activation: str = "sigmoid"
     attention: bool = True
     hae_backend: str | None = None
     llmesr_alpha: float = 0.1
+    bert_negatives: int | str = "auto"
+    mask_prob: float = 0.2
     epochs: int = 200
     batch_size: int = 128
     lr: float = 1e-3
@@ -77,16 +88,20 @@ class TrainConfig:
         self.hae_branches = tuple(self.hae_branches)
         if isinstance(self.eval_negatives, str) and self.eval_negatives != "all":
             self.eval_negatives = parse_eval_negatives(self.eval_negatives)
+        if isinstance(self.bert_negatives, str) and self.bert_negatives not in ("auto", "full"):
+            self.bert_negatives = parse_bert_negatives(self.bert_negatives)
 
     def validate(self) -> TrainConfig:
         """Raise ``ValueError`` naming the flag for any bad or incompatible setting; return self."""
         if self.backbone not in BACKBONES:
             raise ValueError(f"--backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
-        if self.model not in MODEL_KINDS:
-            raise ValueError(f"--model must be one of {', '.join(MODEL_KINDS)}, got {self.model!r}")
+        if self.model not in MODELS:
+            raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {self.model!r}")
         for name in ("d", "max_len", "num_blocks", "num_heads", "epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.backbone != "gru4rec" and self.d % self.num_heads:
+            raise ValueError(f"--hidden-size ({self.d}) must be divisible by --num-heads ({self.num_heads})")
         if self.patience < 1:
             raise ValueError(f"--patience must be >= 1, got {self.patience}")
         if not 0.0 <= self.dropout < 1.0:
@@ -99,8 +114,8 @@ class TrainConfig:
             not isinstance(self.eval_negatives, int) or isinstance(self.eval_negatives, bool) or self.eval_negatives < 1
         ):
             raise ValueError(f"--eval-negatives must be an integer >= 1 or 'all', got {self.eval_negatives!r}")
-        if not self.hae_branches or any(b not in HAE_BRANCHES for b in self.hae_branches):
-            raise ValueError(f"--hae-branches must be a non-empty subset of {', '.join(HAE_BRANCHES)}, "
+        if not self.hae_branches or any(b not in DEFAULT_BRANCHES for b in self.hae_branches):
+            raise ValueError(f"--hae-branches must be a non-empty subset of {', '.join(DEFAULT_BRANCHES)}, "
                              f"got {' '.join(self.hae_branches) or '(none)'}")  # fmt: skip
         if len(set(self.hae_branches)) != len(self.hae_branches):
             raise ValueError(f"--hae-branches lists a branch twice: {' '.join(self.hae_branches)}")
@@ -120,6 +135,19 @@ class TrainConfig:
             raise ValueError(f"--llmesr-alpha only applies to --model llmesr, not --model {self.model}")
         if self.llmesr_alpha < 0:
             raise ValueError(f"--llmesr-alpha must be >= 0, got {self.llmesr_alpha}")
+        if self.bert_negatives not in ("auto", "full") and (
+            not isinstance(self.bert_negatives, int) or isinstance(self.bert_negatives, bool) or self.bert_negatives < 1
+        ):
+            raise ValueError(f"--bert-negatives must be 'auto', 'full' or an integer >= 1, got {self.bert_negatives!r}")
+        if not 0.0 < self.mask_prob <= 1.0:
+            raise ValueError(f"--mask-prob must be in (0, 1], got {self.mask_prob}")
+        if self.backbone != "bert4rec":
+            changed = [flag for flag, name in (("--bert-negatives", "bert_negatives"), ("--mask-prob", "mask_prob"))
+                       if getattr(self, name) != getattr(TrainConfig, name)]  # fmt: skip
+            if changed:
+                raise ValueError(
+                    f"{', '.join(changed)} only apply to --backbone bert4rec, not --backbone {self.backbone}"
+                )
         if self.device not in DEVICES:
             raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.amp and self.device == "cpu":
@@ -165,11 +193,27 @@ def parse_eval_negatives(text: str | int) -> int | str:
     return value
 
 
-def _eval_negatives_type(text: str) -> int | str:
+def parse_bert_negatives(text: str | int) -> int | str:
+    """``"auto"``, ``"full"`` or a positive integer; anything else raises ``ValueError`` naming ``--bert-negatives``."""
+    if isinstance(text, int) or text in ("auto", "full"):
+        return text
     try:
-        return parse_eval_negatives(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"--bert-negatives must be 'auto', 'full' or an integer >= 1, got {text!r}")
+    return value
+
+
+def _argument_type(parse):
+    def convert(text: str) -> int | str:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -181,7 +225,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--model",
-        choices=MODEL_KINDS,
+        choices=MODELS,
         default=c.model,
         help="id: plain backbone; grasp: LLM tables + holistic attention; llminit: ID embeddings "
         "initialised from the LLM item embeddings; llmesr: LLM-ESR (default: %(default)s)",
@@ -200,7 +244,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--hae-branches",
         nargs="+",
-        choices=HAE_BRANCHES,
+        choices=DEFAULT_BRANCHES,
         default=list(c.hae_branches),
         help="holistic attention branches to keep, for ablations (grasp only; default: all three)",
     )
@@ -226,6 +270,19 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=c.llmesr_alpha,
         help="LLM-ESR self-distillation weight (llmesr only; default: %(default)s)",
+    )
+    g.add_argument(
+        "--bert-negatives",
+        type=_argument_type(parse_bert_negatives),
+        default=c.bert_negatives,
+        help="BERT4Rec loss: auto (256-item sampled softmax for every model, one loss for all), full "
+        "(cross-entropy over the catalogue; slow for grasp) or a sample size (bert4rec only; default: %(default)s)",
+    )
+    g.add_argument(
+        "--mask-prob",
+        type=float,
+        default=c.mask_prob,
+        help="BERT4Rec masking probability (bert4rec only; default: %(default)s)",
     )
     t = parser.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=c.epochs, help="most epochs to train (default: %(default)s)")
@@ -253,14 +310,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--amp",
         action=argparse.BooleanOptionalAction,
         default=c.amp,
-        help="bfloat16/float16 autocast, CUDA only (default: off)",
+        help="bfloat16/float16 autocast of training steps, CUDA only; evaluation stays float32 (default: off)",
     )
     t.add_argument("--compile", action="store_true", help="torch.compile the training step")
     t.add_argument("--tensorboard", action="store_true", help="log to RUN_DIR/tensorboard (needs tensorboard)")
     e = parser.add_argument_group("evaluation")
     e.add_argument(
         "--eval-negatives",
-        type=_eval_negatives_type,
+        type=_argument_type(parse_eval_negatives),
         default=c.eval_negatives,
         help="sampled negatives per user, or 'all' for full ranking (default: %(default)s)",
     )

@@ -17,7 +17,6 @@ high. A NaN score is an error.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,7 +61,7 @@ def sample_eval_negatives(dataset: Dataset, count: int, seed: int) -> np.ndarray
     """
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
-    inter = InteractionSet(dataset)
+    inter = InteractionSet(dataset.sequences, dataset.num_items)
     n_items = dataset.num_items
     available = n_items - inter.counts
     short = np.flatnonzero(available[1:] < count) + 1
@@ -152,14 +151,15 @@ def compute_ranks(
     negatives: np.ndarray | None = None,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
-    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rank every user's ``split`` target (``"valid"`` or ``"test"``).
+
+    Scores are computed in float32 with autocast disabled, even when called inside an autocast region
+    (training under ``--amp``): half-precision scores create ties, which count against the target.
 
     Args:
         model: a :class:`~grasp.models.Recommender` (put in eval mode here).
         negatives: ``[num_users + 1, n]`` sampled negatives, or ``None`` for full ranking.
-        autocast_dtype: CUDA autocast dtype, or ``None`` for none.
 
     Returns:
         ``(users, targets, ranks)``: int64 arrays over users ``1..num_users``, ranks 0-based.
@@ -172,17 +172,12 @@ def compute_ranks(
     targets_all = dataset.valid_items if split == "valid" else dataset.test_items
     users_all = np.arange(1, dataset.num_users + 1, dtype=np.int64)
     ranks = np.empty(len(users_all), dtype=np.int64)
-    cast = (
-        torch.autocast(device_type=device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
     for part in _batches(len(users_all), batch_size):
         users_np = users_all[part]
         users = torch.from_numpy(users_np).to(device)
         seqs = torch.from_numpy(seqs_all[users_np]).to(device)
         targets = torch.from_numpy(targets_all[users_np]).to(device)
-        with cast:
+        with torch.autocast(device_type=device.type, enabled=False):
             if negatives is not None:
                 cands = torch.cat([targets[:, None], torch.from_numpy(negatives[users_np]).to(device)], dim=1)
                 scores = model.score(users, seqs, cands).float()

@@ -76,6 +76,8 @@ def build_recommender(config: TrainConfig, dataset: Dataset, tables: Any) -> nn.
         attention=config.attention,
         hae_backend=config.hae_backend,
         llmesr_alpha=config.llmesr_alpha,
+        mask_prob=config.mask_prob,
+        bert_negatives=config.bert_negatives,
     )
 
 
@@ -213,7 +215,6 @@ def _eval_kwargs(config: TrainConfig, env: _Env, negatives: np.ndarray | None) -
         "negatives": negatives,
         "batch_size": config.eval_batch_size,
         "device": env.device,
-        "autocast_dtype": env.autocast_dtype,
     }
 
 
