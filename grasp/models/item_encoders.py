@@ -60,7 +60,8 @@ def _gather_adapted(adapter: nn.Module, tables: tuple[Tensor, ...], ids: Tensor)
     """``adapter(table[ids])`` for each table, running the adapter once per distinct id."""
     unique, inverse = torch.unique(ids, return_inverse=True)
     adapted = adapter(torch.cat([t[unique] for t in tables]))
-    return tuple(a[inverse] for a in adapted.chunk(len(tables)))
+    flat = inverse.reshape(-1)  # index_select's backward (index_add) is faster than advanced indexing's
+    return tuple(a.index_select(0, flat).view(*ids.shape, a.shape[-1]) for a in adapted.chunk(len(tables)))
 
 
 def pca_embedding(item: np.ndarray, d: int, std: float) -> Tensor:
@@ -207,16 +208,16 @@ class GraspEnhancer(nn.Module):
         mask: Tensor | None,
         row_lse: Tensor | None = None,
     ) -> Tensor:
-        """Enhancement ``[B, L, d]`` from adapted users ``[B, d]`` and items ``[B, L, d]``.
+        """Enhancement ``[B, L, d]`` from adapted users ``[B, d]`` (or one per position, ``[B, L, d]``) and
+        items ``[B, L, d]``.
 
         ``row_lse`` (softmax only, ``[B, 3]``): log-sum-exp of each branch's logits over a longer row that
         ``i`` is a chunk of; the gates are then renormalised from the chunk to that row.
         """
         if not self.attention:
-            length = i.shape[1]
-            fused = torch.cat(
-                [u.unsqueeze(1).expand(-1, length, -1), u_sim.unsqueeze(1).expand(-1, length, -1), i, i_sim], -1
-            )
+            if u.dim() == 2:
+                u, u_sim = (t.unsqueeze(1).expand(-1, i.shape[1], -1) for t in (u, u_sim))
+            fused = torch.cat([u, u_sim, i, i_sim], -1)
         else:
             fused = holistic_attention(u, u_sim, i, i_sim, mask=mask, activation=self.activation, backend=self.backend)
             if row_lse is not None:
@@ -237,10 +238,23 @@ class GraspEnhancer(nn.Module):
         return factor[:, [0, 1, 2, 2]].repeat_interleave(self.d, dim=1).unsqueeze(1)
 
     def forward(self, users: Tensor, items: Tensor) -> Tensor:
-        """``[B]`` users, ``[B, L]`` items -> ``[B, L, d]``; padding and mask-token positions give zeros."""
+        """``[B]`` users, ``[B, L]`` items -> ``[B, L, d]``; padding and mask-token positions give zeros.
+
+        With pointwise gates (sigmoid, or no attention) only the real positions go through the op and the
+        MLP: they are packed into one row of per-position users (the op's ``[B, L, d]`` user layout), so
+        the cost follows the number of real items, not the padded window (most of a window is padding
+        when histories are shorter than ``max_len``).
+        """
+        mask = (items > 0) & (items <= self.num_items)
         u, u_sim = self.adapt_users(users)
-        i, i_sim = self.adapt_items(items)
-        return self.combine(u, u_sim, i, i_sim, (items > 0) & (items <= self.num_items))
+        if self.activation == "softmax" and self.attention:
+            i, i_sim = self.adapt_items(items)
+            return self.combine(u, u_sim, i, i_sim, mask)
+        rows, cols = mask.nonzero(as_tuple=True)
+        i, i_sim = self.adapt_items(items[rows, cols])
+        packed = self.combine(u[rows][None], u_sim[rows][None], i[None], i_sim[None], None)[0]
+        out = packed.new_zeros(*items.shape, self.d)
+        return out.index_put((rows, cols), packed)
 
     def score_all(self, users: Tensor, state: Tensor) -> Tensor:
         """``<state[b], enhancer(user_b, c)>`` for items c = 1..num_items: ``[B, num_items]``.
