@@ -14,6 +14,7 @@ if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidiactl")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from openai_server import FakeOpenAIServer  # noqa: E402
 
 import grasp  # noqa: E402,F401  (loads the extension before any test imports ops)
 
@@ -33,3 +34,18 @@ def pytest_report_header(config) -> list[str]:
 def _seed(request) -> None:
     """Seed torch per test from the run's seed and the test's id, so any failure can be replayed."""
     torch.manual_seed(SEED ^ zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def key(monkeypatch) -> str:
+    """A fresh fake OpenAI key in ``OPENAI_API_KEY`` (tests check it never leaks)."""
+    secret = "sk-test-" + os.urandom(12).hex()
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    return secret
+
+
+@pytest.fixture
+def server():
+    """A fake OpenAI-compatible server on 127.0.0.1 (tests/openai_server.py)."""
+    with FakeOpenAIServer(slow_seconds=0.8) as fake:
+        yield fake

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import socket
 import sys
 from pathlib import Path
@@ -34,19 +33,6 @@ def _rng() -> np.random.Generator:
 def _texts(rng: np.random.Generator, n: int, words: int = 4) -> list[str]:
     letters = list("abcdefghijklmnopqrstuvwxyz")
     return [f"text {i} " + " ".join("".join(rng.choice(letters, size=5)) for _ in range(words)) for i in range(n)]
-
-
-@pytest.fixture
-def key(monkeypatch) -> str:
-    secret = "sk-test-" + os.urandom(12).hex()
-    monkeypatch.setenv("OPENAI_API_KEY", secret)
-    return secret
-
-
-@pytest.fixture
-def server():
-    with FakeOpenAIServer(slow_seconds=0.8) as fake:
-        yield fake
 
 
 def _encoder(server: FakeOpenAIServer, cache: Path | None, **options) -> OpenAIEmbeddingEncoder:

@@ -55,19 +55,6 @@ def _prompts(rng: np.random.Generator, n: int) -> list[str]:
     return [f"prompt {i}: {_words(rng, 6)}" for i in range(n)]
 
 
-@pytest.fixture
-def key(monkeypatch) -> str:
-    secret = "sk-test-" + os.urandom(12).hex()
-    monkeypatch.setenv("OPENAI_API_KEY", secret)
-    return secret
-
-
-@pytest.fixture
-def server():
-    with FakeOpenAIServer(slow_seconds=0.8) as fake:
-        yield fake
-
-
 def _generator(server: FakeOpenAIServer, cache: Path | None, **options) -> OpenAIGenerator:
     settings = dict(base_url=server.base_url, timeout=0.5, max_retries=MAX_RETRIES, backoff_base=0.01,
                     backoff_max=0.05, concurrency=4, cache=cache)  # fmt: skip

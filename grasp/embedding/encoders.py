@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from grasp.generation.cache import ResponseCache
-from grasp.generation.openai_client import MalformedResponse, OpenAIRunner
+from grasp.generation.openai_client import MalformedResponse, OpenAIRunner, string_list
 
 __all__ = [
     "SentenceTransformerEncoder",
@@ -53,14 +53,6 @@ class EmbeddingError(RuntimeError):
     def __init__(self, message: str, failures: dict[int, str] | None = None) -> None:
         super().__init__(message)
         self.failures = failures or {}
-
-
-def _check_texts(texts: Sequence[str]) -> list[str]:
-    texts = list(texts)
-    for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise ValueError(f"texts[{index}] must be a string, got {type(text).__name__}")
-    return texts
 
 
 def _check_result(name: str, result: np.ndarray, rows: int) -> np.ndarray:
@@ -137,7 +129,7 @@ class SentenceTransformerEncoder:
         Raises:
             EmbeddingError: NaN / inf in the result.
         """
-        texts = _check_texts(texts)
+        texts = string_list(texts, "texts")
         rows = [i for i, text in enumerate(texts) if text.strip()]
         result = np.zeros((len(texts), self.dimension), dtype=np.float32)
         if rows:
@@ -253,7 +245,7 @@ class OpenAIEmbeddingEncoder:
             EmbeddingError: some texts still failed after the retries (``.failures`` names them; what succeeded
                 is cached, so running again resumes), or the result has NaN / inf or mixed widths.
         """
-        texts = _check_texts(texts)
+        texts = string_list(texts, "texts")
         started = time.perf_counter()
         vectors: dict[str, np.ndarray] = {}
         pending: list[str] = []

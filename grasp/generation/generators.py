@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from grasp.generation.cache import ResponseCache
-from grasp.generation.openai_client import MalformedResponse, OpenAIRunner
+from grasp.generation.openai_client import MalformedResponse, OpenAIRunner, string_list
 
 __all__ = [
     "GenerationResult",
@@ -55,14 +55,6 @@ class GenerationResult:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-def _check_prompts(prompts: Sequence[str]) -> list[str]:
-    prompts = list(prompts)
-    for index, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompts[{index}] must be a string, got {type(prompt).__name__}")
-    return prompts
-
-
 def _empty_stats(prompts: list[str]) -> dict[str, float]:
     unique = len({p for p in prompts if p})
     return {"prompts": sum(1 for p in prompts if p), "unique": unique, "cached": 0, "requests": 0, "retries": 0,
@@ -79,7 +71,7 @@ class TemplateGenerator:
 
     def generate(self, prompts: Sequence[str], *, progress: bool = True) -> GenerationResult:
         """Return the prompts as the texts (``progress`` is accepted for a uniform API; this is instant)."""
-        prompts = _check_prompts(prompts)
+        prompts = string_list(prompts, "prompts")
         return GenerationResult(texts=list(prompts), failures={}, stats=_empty_stats(prompts))
 
 
@@ -162,7 +154,7 @@ class OpenAIGenerator:
             prompts: the prompts; ``""`` entries are skipped and get ``""``.
             progress: show a progress bar (done / total, rate, failures, retries) on stderr.
         """
-        prompts = _check_prompts(prompts)
+        prompts = string_list(prompts, "prompts")
         started = time.perf_counter()
         stats = _empty_stats(prompts)
         answers: dict[str, str] = {}

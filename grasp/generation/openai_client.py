@@ -31,7 +31,17 @@ from tqdm.auto import tqdm
 if TYPE_CHECKING:
     import openai
 
-__all__ = ["OpenAIRunner", "RequestStats", "MalformedResponse"]
+__all__ = ["OpenAIRunner", "RequestStats", "MalformedResponse", "string_list"]
+
+
+def string_list(values: Sequence[str], name: str) -> list[str]:
+    """``values`` as a list, or ``ValueError`` naming the first entry that is not a string (``name[i]``)."""
+    values = list(values)
+    for index, value in enumerate(values):
+        if not isinstance(value, str):
+            raise ValueError(f"{name}[{index}] must be a string, got {type(value).__name__}")
+    return values
+
 
 log = logging.getLogger(__name__)
 
