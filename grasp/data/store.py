@@ -17,10 +17,8 @@ from grasp._io import write_bytes, write_json
 from grasp.data.loaders import DataError
 from grasp.data.preprocess import Dataset
 
-__all__ = ["save_dataset", "load_dataset", "DATASET_FILES"]
+__all__ = ["save_dataset", "load_dataset"]
 
-#: The files :func:`save_dataset` writes into its directory.
-DATASET_FILES = ("dataset.json", "interactions.npz")
 _FORMAT = 1
 
 
