@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from grasp.models.backbones import Dropout
 from grasp.nn import Adapter
 from grasp.ops import holistic_attention
 
@@ -140,7 +139,8 @@ class GraspEnhancer(nn.Module):
     (a zero row is appended for the mask token) are not part of ``parameters()`` nor of the state dict:
     they are rebuilt from the tables. Trainable user and item :class:`grasp.nn.Adapter` ``D -> d`` (a
     vector and its neighbour mean share one adapter), the :func:`grasp.ops.holistic_attention` op with
-    the adapted user broadcast over the positions, then an MLP ``width -> 2d -> d``. Positions that are
+    the adapted user broadcast over the positions, then an MLP ``width -> d -> d`` (GELU; dropout sits in the
+    adapters, not here: the MLP runs once per position and is the enhancer's main cost). Positions that are
     padding (0) or the mask token get a zero enhancement.
 
     Ablations:
@@ -189,7 +189,7 @@ class GraspEnhancer(nn.Module):
         keep_all = not attention or len(columns) == 4 * d
         self.register_buffer("keep", None if keep_all else torch.tensor(columns), persistent=False)
         width = 4 * d if keep_all else len(columns)
-        self.mlp = nn.Sequential(nn.Linear(width, 2 * d), nn.GELU(), Dropout(dropout), nn.Linear(2 * d, d))
+        self.mlp = nn.Sequential(nn.Linear(width, d), nn.GELU(), nn.Linear(d, d))
 
     def adapt_users(self, users: Tensor) -> tuple[Tensor, Tensor]:
         """Adapted ``(u, ū)``, each ``[B, d]``."""
