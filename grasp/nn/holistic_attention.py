@@ -16,13 +16,14 @@ class Adapter(nn.Sequential):
 
 
 class HolisticAttention(nn.Module):
-    """User and item adapters, the holistic attention op, and an MLP from ``4d`` back to ``d``.
+    """User and item adapters, the holistic attention op, and an MLP ``4d -> d -> d`` (the block that
+    ``grasp.models`` uses as the GRASP enhancer).
 
     Args:
         user_dim: width of the user embeddings ``U`` and ``U_sim`` (the LLM embedding size).
         item_dim: width of the item embeddings ``I`` and ``I_sim``.
         d: model width (the backbone's hidden size).
-        dropout: dropout inside the adapters and the output MLP.
+        dropout: dropout inside the adapters.
         activation: ``"sigmoid"`` (the paper) or ``"softmax"`` (ablation).
         backend: forwarded to :func:`grasp.ops.holistic_attention` (None = automatic).
 
@@ -59,7 +60,7 @@ class HolisticAttention(nn.Module):
         self.backend = backend
         self.user_adapter = Adapter(user_dim, d, dropout=dropout)
         self.item_adapter = Adapter(item_dim, d, dropout=dropout)
-        self.mlp = nn.Sequential(nn.Linear(4 * d, 2 * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * d, d))
+        self.mlp = nn.Sequential(nn.Linear(4 * d, d), nn.GELU(), nn.Linear(d, d))
 
     def forward(
         self, user: Tensor, user_sim: Tensor, item: Tensor, item_sim: Tensor, mask: Tensor | None = None
