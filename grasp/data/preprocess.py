@@ -30,10 +30,11 @@ class Dataset:
         name: dataset name.
         num_users, num_items: counts after filtering.
         user_tokens, item_tokens: original token of each id (``""`` at index 0).
-        user_ids, item_ids: original token -> id.
+        user_ids, item_ids: original token -> id (derived from the tokens).
         sequences: each user's items (int64) in time order, the whole history.
         timestamps: the matching float64 timestamps.
-        train: ``sequences[u][:-2]``; valid_items / test_items: ``sequences[u][-2]`` / ``sequences[u][-1]``.
+        train: ``sequences[u][:-2]``; valid_items / test_items: ``sequences[u][-2]`` / ``sequences[u][-1]``
+            (derived from the sequences: leave-one-out).
         item_popularity: training interactions per item (int64, length ``num_items + 1``).
         head_fraction: the fraction used for the head / tail split.
         head_user_threshold: users with at least this many training items are head users.
@@ -49,13 +50,13 @@ class Dataset:
     num_items: int
     user_tokens: list[str]
     item_tokens: list[str]
-    user_ids: dict[str, int]
-    item_ids: dict[str, int]
+    user_ids: dict[str, int] = field(init=False)
+    item_ids: dict[str, int] = field(init=False)
     sequences: list[np.ndarray]
     timestamps: list[np.ndarray]
-    train: list[np.ndarray]
-    valid_items: np.ndarray
-    test_items: np.ndarray
+    train: list[np.ndarray] = field(init=False)
+    valid_items: np.ndarray = field(init=False)
+    test_items: np.ndarray = field(init=False)
     item_popularity: np.ndarray
     head_fraction: float
     head_user_threshold: int
@@ -66,6 +67,13 @@ class Dataset:
     user_attributes: dict[int, dict[str, str]]
     filters: dict[str, int] = field(default_factory=dict)
     domain: str = ""
+
+    def __post_init__(self) -> None:
+        self.user_ids = {t: i for i, t in enumerate(self.user_tokens) if i}
+        self.item_ids = {t: i for i, t in enumerate(self.item_tokens) if i}
+        self.train = [s[:-2] for s in self.sequences]
+        self.valid_items = np.array([0] + [s[-2] for s in self.sequences[1:]], dtype=np.int64)
+        self.test_items = np.array([0] + [s[-1] for s in self.sequences[1:]], dtype=np.int64)
 
     @property
     def num_interactions(self) -> int:
@@ -160,8 +168,6 @@ def preprocess(
     sequences = [empty_items] + [items[bounds[u - 1] : bounds[u]] for u in range(1, num_users + 1)]
     stamps = [empty_times] + [times[bounds[u - 1] : bounds[u]] for u in range(1, num_users + 1)]
     train = [s[:-2] for s in sequences]
-    valid_items = np.array([0] + [s[-2] for s in sequences[1:]], dtype=np.int64)
-    test_items = np.array([0] + [s[-1] for s in sequences[1:]], dtype=np.int64)
 
     train_lengths = np.array([len(t) for t in train[1:]], dtype=np.int64)
     all_train = np.concatenate(train[1:]) if num_users else empty_items
@@ -180,13 +186,8 @@ def preprocess(
         num_items=num_items,
         user_tokens=user_tokens,
         item_tokens=item_tokens,
-        user_ids={t: i for i, t in enumerate(user_tokens) if i},
-        item_ids={t: i for i, t in enumerate(item_tokens) if i},
         sequences=sequences,
         timestamps=stamps,
-        train=train,
-        valid_items=valid_items,
-        test_items=test_items,
         item_popularity=popularity,
         head_fraction=head_fraction,
         head_user_threshold=user_threshold,

@@ -87,20 +87,14 @@ def load_dataset(directory: str | Path) -> Dataset:
         )
     sequences = [arrays["items"][offsets[u] : offsets[u + 1]] for u in range(num_users + 1)]
     timestamps = [arrays["timestamps"][offsets[u] : offsets[u + 1]] for u in range(num_users + 1)]
-    user_tokens, item_tokens = meta["user_tokens"], meta["item_tokens"]
     return Dataset(
         name=meta["name"],
         num_users=num_users,
         num_items=num_items,
-        user_tokens=user_tokens,
-        item_tokens=item_tokens,
-        user_ids={t: i for i, t in enumerate(user_tokens) if i},
-        item_ids={t: i for i, t in enumerate(item_tokens) if i},
+        user_tokens=meta["user_tokens"],
+        item_tokens=meta["item_tokens"],
         sequences=sequences,
         timestamps=timestamps,
-        train=[s[:-2] for s in sequences],
-        valid_items=np.array([0] + [s[-2] for s in sequences[1:]], dtype=np.int64),
-        test_items=np.array([0] + [s[-1] for s in sequences[1:]], dtype=np.int64),
         item_popularity=arrays["item_popularity"],
         head_fraction=meta["head_fraction"],
         head_user_threshold=meta["head_user_threshold"],
