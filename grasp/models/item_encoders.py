@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from grasp.nn import Adapter
-from grasp.ops import holistic_attention
+from grasp.ops import holistic_attention, holistic_attention_projected
 
 __all__ = [
     "BRANCHES",
@@ -55,12 +55,18 @@ def _frozen(array: np.ndarray, extra_rows: int = 0) -> Tensor:
     return table.contiguous()
 
 
-def _gather_adapted(adapter: nn.Module, tables: tuple[Tensor, ...], ids: Tensor) -> tuple[Tensor, ...]:
-    """``adapter(table[ids])`` for each table, running the adapter once per distinct id."""
+def _adapt_distinct(adapter: nn.Module, tables: tuple[Tensor, ...], ids: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:
+    """``adapter(table[distinct ids])`` for each table, and the flat index of every id into those rows."""
     unique, inverse = torch.unique(ids, return_inverse=True)
     adapted = adapter(torch.cat([t[unique] for t in tables]))
-    flat = inverse.reshape(-1)  # index_select's backward (index_add) is faster than advanced indexing's
-    return tuple(a.index_select(0, flat).view(*ids.shape, a.shape[-1]) for a in adapted.chunk(len(tables)))
+    return adapted.chunk(len(tables)), inverse.reshape(-1)
+
+
+def _gather_adapted(adapter: nn.Module, tables: tuple[Tensor, ...], ids: Tensor) -> tuple[Tensor, ...]:
+    """``adapter(table[ids])`` for each table, running the adapter once per distinct id."""
+    adapted, flat = _adapt_distinct(adapter, tables, ids)
+    # index_select's backward (index_add) is faster than advanced indexing's
+    return tuple(a.index_select(0, flat).view(*ids.shape, a.shape[-1]) for a in adapted)
 
 
 def pca_embedding(item: np.ndarray, d: int, std: float) -> Tensor:
@@ -140,8 +146,10 @@ class GraspEnhancer(nn.Module):
     they are rebuilt from the tables. Trainable user and item :class:`grasp.nn.Adapter` ``D -> d`` (a
     vector and its neighbour mean share one adapter), the :func:`grasp.ops.holistic_attention` op with
     the adapted user broadcast over the positions, then an MLP ``width -> d -> d`` (GELU; dropout sits in the
-    adapters, not here: the MLP runs once per position and is the enhancer's main cost). Positions that are
-    padding (0) or the mask token get a zero enhancement.
+    adapters, not here: the MLP runs once per position). Positions that are padding (0) or the mask token
+    get a zero enhancement. With sigmoid gates the op and the MLP's first layer run fused, as
+    :func:`grasp.ops.holistic_attention_projected` (the same function, the layer's projection applied once
+    per distinct item instead of once per position).
 
     Ablations:
         branches: the subset of ``("self", "similar", "global")`` whose output slices (``[0:d]``,
@@ -241,9 +249,8 @@ class GraspEnhancer(nn.Module):
         """``[B]`` users, ``[B, L]`` items -> ``[B, L, d]``; padding and mask-token positions give zeros.
 
         With pointwise gates (sigmoid, or no attention) only the real positions go through the op and the
-        MLP: they are packed into one row of per-position users (the op's ``[B, L, d]`` user layout), so
-        the cost follows the number of real items, not the padded window (most of a window is padding
-        when histories are shorter than ``max_len``).
+        MLP, as (user, item) pairs, so the cost follows the number of real items, not the padded window
+        (most of a window is padding when histories are shorter than ``max_len``).
         """
         mask = (items > 0) & (items <= self.num_items)
         u, u_sim = self.adapt_users(users)
@@ -251,10 +258,26 @@ class GraspEnhancer(nn.Module):
             i, i_sim = self.adapt_items(items)
             return self.combine(u, u_sim, i, i_sim, mask)
         rows, cols = mask.nonzero(as_tuple=True)
-        i, i_sim = self.adapt_items(items[rows, cols])
-        packed = self.combine(u[rows][None], u_sim[rows][None], i[None], i_sim[None], None)[0]
+        if self.attention:
+            packed = self._projected(u, u_sim, items[rows, cols], rows)
+        else:
+            i, i_sim = self.adapt_items(items[rows, cols])
+            packed = self.combine(u[rows][None], u_sim[rows][None], i[None], i_sim[None], None)[0]
         out = packed.new_zeros(*items.shape, self.d)
         return out.index_put((rows, cols), packed)
+
+    def _projected(self, u: Tensor, u_sim: Tensor, items: Tensor, rows: Tensor) -> Tensor:
+        """MLP(holistic attention) of the pairs ``(rows[n], items[n])`` with sigmoid gates, ``[N, d]``: the op
+        and the MLP's first layer fused (a dropped branch is a zero block of the layer's weight)."""
+        (i, i_sim), inverse = _adapt_distinct(self.item_adapter, (self.item, self.item_sim), items)
+        first, rest = self.mlp[0], self.mlp[1:]
+        weight = first.weight
+        if self.keep is not None:
+            weight = weight.new_zeros(weight.shape[0], 4 * self.d).index_copy(1, self.keep, weight)
+        hidden = holistic_attention_projected(
+            u, u_sim, i, i_sim, weight, first.bias, user_index=rows, item_index=inverse, backend=self.backend
+        )
+        return rest(hidden)
 
     def score_all(self, users: Tensor, state: Tensor) -> Tensor:
         """``<state[b], enhancer(user_b, c)>`` for items c = 1..num_items: ``[B, num_items]``.
@@ -282,8 +305,8 @@ class GraspEncoder(IdEncoder):
 
     user_conditioned = True
 
-    def __init__(self, num_items: int, d: int, enhancer: GraspEnhancer) -> None:
-        super().__init__(num_items, d)
+    def __init__(self, num_items: int, d: int, enhancer: GraspEnhancer, *, init: Tensor | None = None) -> None:
+        super().__init__(num_items, d, init=init)
         self.enhancer = enhancer
         self.pointwise = not (enhancer.attention and enhancer.activation == "softmax")
 

@@ -11,7 +11,7 @@ import argparse
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from grasp.models.build import ACTIVATIONS, BACKBONES, DEFAULT_BRANCHES, MODELS
+from grasp.models.build import ACTIVATIONS, BACKBONES, DEFAULT_BRANCHES, ID_INITS, MODELS
 
 __all__ = [
     "TrainConfig",
@@ -35,7 +35,7 @@ class TrainConfig:
     Attributes:
         backbone, model: which :func:`grasp.models.build_model` to train.
         d, max_len, dropout, num_blocks, num_heads: backbone size.
-        hae_branches, activation, attention, hae_backend: GRASP enhancer options (``model="grasp"`` only).
+        hae_branches, activation, attention, hae_backend, id_init: GRASP options (``model="grasp"`` only).
         llmesr_alpha: LLM-ESR self-distillation weight (``model="llmesr"`` only).
         bert_negatives: BERT4Rec's loss (``backbone="bert4rec"`` only): ``"auto"`` (a 256-item sampled
             softmax for every model, so all models share one loss), ``"full"`` (cross-entropy over the
@@ -67,6 +67,7 @@ class TrainConfig:
     activation: str = "sigmoid"
     attention: bool = True
     hae_backend: str | None = None
+    id_init: str = "random"
     llmesr_alpha: float = 0.1
     bert_negatives: int | str = "auto"
     mask_prob: float = 0.2
@@ -126,11 +127,14 @@ class TrainConfig:
             changed = [
                 flag
                 for flag, name in (("--hae-branches", "hae_branches"), ("--activation", "activation"),
-                                   ("--no-attention", "attention"), ("--hae-backend", "hae_backend"))
+                                   ("--no-attention", "attention"), ("--hae-backend", "hae_backend"),
+                                   ("--id-init", "id_init"))
                 if getattr(self, name) != getattr(defaults, name)
             ]  # fmt: skip
             if changed:
                 raise ValueError(f"{', '.join(changed)} only apply to --model grasp, not --model {self.model}")
+        if self.id_init not in ID_INITS:
+            raise ValueError(f"--id-init must be one of {', '.join(ID_INITS)}, got {self.id_init!r}")
         if self.model != "llmesr" and self.llmesr_alpha != TrainConfig.llmesr_alpha:
             raise ValueError(f"--llmesr-alpha only applies to --model llmesr, not --model {self.model}")
         if self.llmesr_alpha < 0:
@@ -264,6 +268,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--hae-backend",
         default=c.hae_backend,
         help="force a holistic_attention backend (reference, cpu, cuda, triton; grasp only)",
+    )
+    g.add_argument(
+        "--id-init",
+        choices=ID_INITS,
+        default=c.id_init,
+        help="GRASP's ID embeddings: random (N(0, 1/d), like the plain backbone) or pca (the PCA of the LLM item "
+        "embeddings, like llminit) (grasp only; default: %(default)s)",
     )
     g.add_argument(
         "--llmesr-alpha",

@@ -75,6 +75,7 @@ def build_recommender(config: TrainConfig, dataset: Dataset, tables: Any) -> nn.
         activation=config.activation,
         attention=config.attention,
         hae_backend=config.hae_backend,
+        id_init=config.id_init,
         llmesr_alpha=config.llmesr_alpha,
         mask_prob=config.mask_prob,
         bert_negatives=config.bert_negatives,

@@ -1,0 +1,234 @@
+"""Holistic attention with its output projection folded in, ``grasp.ops.holistic_attention_projected``.
+
+The GRASP enhancer feeds the ``[.., 4d]`` output of :func:`grasp.ops.holistic_attention` straight into a
+linear layer. That layer's four ``d``-wide column blocks act on ``a_self i``, ``a_sim ī``, ``a_glob i`` and
+``a_glob ī``, and the gates are scalars, so::
+
+    W · HAE(u, ū, i, ī) = a_self (W0 i) + a_sim (W1 ī) + a_glob (W2 i + W3 ī)
+
+The three projected vectors depend on the item alone. This op takes the user and item tables with one
+``(user, item)`` index pair per output row: the projections run once per table row (a plain matmul), and
+the kernels only compute the two dot products and three gates of every pair and mix three ``e``-wide
+vectors. Per pair that replaces a ``4d x e`` matrix product and a ``4d``-wide intermediate with ``O(d + e)``
+work. Sigmoid gates only: the softmax ablation couples the positions of a row and keeps the unfused op.
+
+Backends: ``reference`` (plain PyTorch, the ground truth), ``cpu`` (C++ in ``csrc/cpu/``), ``triton``
+(``grasp_kernels/holistic_attention_projected.py``; CUDA, or CPU under ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from grasp import _extension
+from grasp.ops import _backends
+from grasp.ops._hae_reference import holistic_attention_reference
+
+__all__ = ["holistic_attention_projected", "holistic_attention_projected_reference", "backend_reason", "AUTO_ORDER"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_KERNEL_MODULE = "grasp_kernels.holistic_attention_projected"
+_NAME = "holistic_attention_projected"
+
+#: Preference order of ``backend=None`` per device type.
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")}
+
+
+def backend_reason(backend: str, device_type: str, dtype: torch.dtype | None = None) -> str:
+    """Why ``backend`` cannot run the op on ``device_type`` tensors of ``dtype`` ("" if it can)."""
+    if backend == "reference":
+        return ""
+    if backend == "cpu":
+        return _backends.extension_reason(backend, device_type, "hae_gather_forward")
+    if backend == "cuda":
+        return f"{_NAME} has no CUDA C++ kernel; its GPU kernel is the triton backend"
+    if backend == "triton":
+        if dtype is not None and dtype not in _TRITON_DTYPES:
+            return f"the Triton kernels take float32, float16 and bfloat16, not {dtype}"
+        return _backends.triton_reason(device_type, _KERNEL_MODULE)
+    return f"{backend!r} is not a backend of {_NAME}"
+
+
+@torch.compiler.assume_constant_result
+def _choose_backend(requested: str | None, device_type: str, dtype: torch.dtype) -> str:
+    return _backends.choose(_NAME, requested, device_type, AUTO_ORDER, lambda b, dev: backend_reason(b, dev, dtype))
+
+
+def projected_values(item: Tensor, item_sim: Tensor, weight: Tensor) -> Tensor:
+    """``[M, 3, e]``: ``[W0 i, W1 ī, W2 i + W3 ī]`` for every row, with ``weight = [W0 | W1 | W2 | W3]``."""
+    e, d = weight.shape[0], item.shape[1]
+    w = weight.view(e, 4, d)
+    both = torch.cat([item, item_sim], 1)  # [M, 2d]
+    w_glob = torch.cat([w[:, 2], w[:, 3]], 1)  # [e, 2d]
+    return torch.stack([item @ w[:, 0].T, item_sim @ w[:, 1].T, both @ w_glob.T], 1)
+
+
+def holistic_attention_projected_reference(
+    user: Tensor,
+    user_sim: Tensor,
+    item: Tensor,
+    item_sim: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    user_index: Tensor,
+    item_index: Tensor,
+    *,
+    upcast: bool = True,
+) -> Tensor:
+    """Plain PyTorch: gather the pairs, :func:`holistic_attention_reference` (sigmoid), then ``@ weight.T + bias``.
+
+    ``upcast`` computes float16/bfloat16 inputs in float32 (the op's contract); ``False`` computes in the
+    input dtype, the "same-dtype torch" yardstick of the kernel tolerance tests.
+    """
+    out_dtype = item.dtype
+    if upcast and out_dtype in (torch.float16, torch.bfloat16):
+        user, user_sim, item, item_sim, weight = (t.float() for t in (user, user_sim, item, item_sim, weight))
+        bias = None if bias is None else bias.float()
+    hae = holistic_attention_reference(
+        user[user_index][None], user_sim[user_index][None], item[item_index][None], item_sim[item_index][None],
+        upcast=False,
+    )[0]
+    out = hae @ weight.T
+    if bias is not None:
+        out = out + bias
+    return out.to(out_dtype)
+
+
+def _check_inputs(
+    user: Tensor,
+    user_sim: Tensor,
+    item: Tensor,
+    item_sim: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    user_index: Tensor,
+    item_index: Tensor,
+) -> None:
+    named = {"user": user, "user_sim": user_sim, "item": item, "item_sim": item_sim, "weight": weight}
+    if bias is not None:
+        named["bias"] = bias
+    for name, t in {**named, "user_index": user_index, "item_index": item_index}.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{_NAME}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in named.items():
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{_NAME}: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+        if t.dtype != item.dtype:
+            raise TypeError(f"{_NAME}: mixed dtypes: {name} is {t.dtype} but item is {item.dtype}")
+    for name, t in {**named, "user_index": user_index, "item_index": item_index}.items():
+        if t.device != item.device:
+            raise ValueError(f"{_NAME}: mixed devices: {name} is on {t.device} but item is on {item.device}")
+    if item.dim() != 2 or item.shape[1] == 0:
+        raise ValueError(f"{_NAME}: item must be [M, d] with d >= 1, got shape {tuple(item.shape)}")
+    d = item.shape[1]
+    if item_sim.shape != item.shape:
+        raise ValueError(f"{_NAME}: item_sim must have item's shape {tuple(item.shape)}, got {tuple(item_sim.shape)}")
+    if user.dim() != 2 or user.shape[1] != d:
+        raise ValueError(f"{_NAME}: user must be [U, d] with d = {d} (item's width), got {tuple(user.shape)}")
+    if user_sim.shape != user.shape:
+        raise ValueError(f"{_NAME}: user_sim must have user's shape {tuple(user.shape)}, got {tuple(user_sim.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != 4 * d or weight.shape[0] == 0:
+        raise ValueError(f"{_NAME}: weight must be [e, 4d] = [e, {4 * d}] with e >= 1, got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"{_NAME}: bias must be [e] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    for name, index, rows, table in (("user_index", user_index, len(user), "user"),
+                                     ("item_index", item_index, len(item), "item")):  # fmt: skip
+        if index.dtype != torch.int64 or index.dim() != 1:
+            raise TypeError(f"{_NAME}: {name} must be a 1-d int64 tensor, got {index.dtype} {tuple(index.shape)}")
+        if torch.compiler.is_compiling():  # no data-dependent Python branch in a graph: a runtime assert
+            torch._assert_async(((index >= 0) & (index < rows)).all(), f"{_NAME}: {name} out of range 0..{rows - 1}")
+        elif index.numel() and (int(index.min()) < 0 or int(index.max()) >= rows):
+            raise ValueError(
+                f"{_NAME}: {name} must lie in 0..{rows - 1} ({table} has {rows} rows), "
+                f"got values in {int(index.min())}..{int(index.max())}"
+            )
+    if item_index.shape != user_index.shape:
+        raise ValueError(
+            f"{_NAME}: user_index and item_index must have one length, got {len(user_index)} and {len(item_index)}"
+        )
+
+
+def holistic_attention_projected(
+    user: Tensor,
+    user_sim: Tensor,
+    item: Tensor,
+    item_sim: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    user_index: Tensor,
+    item_index: Tensor,
+    backend: str | None = None,
+) -> Tensor:
+    """Sigmoid holistic attention of ``(user, item)`` pairs followed by a linear layer, fused.
+
+    Row ``n`` of the result, with ``r = user_index[n]`` and ``j = item_index[n]``, is::
+
+        holistic_attention(user[r], user_sim[r], item[j], item_sim[j]) @ weight.T + bias
+        = a_self (W0 item[j]) + a_sim (W1 item_sim[j]) + a_glob (W2 item[j] + W3 item_sim[j]) + bias
+
+    with ``weight = [W0 | W1 | W2 | W3]`` (four ``[e, d]`` blocks) and the gates of
+    :func:`grasp.ops.holistic_attention` (``a_self = sigmoid(<u, i>/sqrt(d))``, ...).
+
+    Args:
+        user, user_sim: ``[U, d]`` user table (e.g. the adapted users of a batch).
+        item, item_sim: ``[M, d]`` item table (e.g. the adapted distinct items of a batch).
+        weight: ``[e, 4d]``, bias: ``[e]`` or None: the linear layer (``nn.Linear(4d, e)``'s parameters).
+        user_index, item_index: int64 ``[N]``, the pairs.
+        backend: ``"reference"``, ``"cpu"`` or ``"triton"``; None picks the fastest available.
+
+    All float inputs share one dtype (float32, float16, bfloat16; float64 on ``reference`` and ``cpu``)
+    and device; the gates and the mix accumulate in float32 (float64 for float64). Gradients reach every
+    float input; the indices get none.
+
+    Returns:
+        ``[N, e]`` in the inputs' dtype.
+    """
+    _check_inputs(user, user_sim, item, item_sim, weight, bias, user_index, item_index)
+    name = _choose_backend(backend, item.device.type, item.dtype)
+    if name == "reference" or user_index.numel() == 0:
+        return holistic_attention_projected_reference(
+            user, user_sim, item, item_sim, weight, bias, user_index, item_index
+        )
+    values = projected_values(item, item_sim, weight)
+    args = (user.contiguous(), user_sim.contiguous(), item.contiguous(), item_sim.contiguous(), values.contiguous())
+    indices = (user_index.contiguous(), item_index.contiguous())
+    if name == "triton":
+        import grasp_kernels.holistic_attention_projected  # noqa: F401  (registers grasp::hae_gather_forward_triton)
+
+        out = torch.ops.grasp.hae_gather_forward_triton(*args, *indices)
+    else:
+        out = torch.ops.grasp.hae_gather_forward(*args, *indices)
+    return out if bias is None else out + bias
+
+
+# ---- fake kernels and autograd of the kernel ops (C++ here, Triton in grasp_kernels) ----
+
+
+def register_op_glue(forward: str, backward: str) -> None:
+    """Fake kernels for a ``hae_gather`` forward/backward pair and autograd on the forward (the backward
+    saves only the inputs and recomputes the gates)."""
+    backward_op = getattr(torch.ops.grasp, backward.split("::")[1])
+
+    @torch.library.register_fake(forward)
+    def _forward_fake(user, user_sim, item, item_sim, values, user_index, item_index):
+        return values.new_empty((user_index.shape[0], values.shape[2]))
+
+    @torch.library.register_fake(backward)
+    def _backward_fake(grad_out, user, user_sim, item, item_sim, values, user_index, item_index):
+        return tuple(t.new_empty(t.shape) for t in (user, user_sim, item, item_sim, values))
+
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    def backward_fn(ctx, grad_out: Tensor):
+        grads = backward_op(grad_out.contiguous(), *ctx.saved_tensors)
+        return (*grads, None, None)  # no gradient for the indices
+
+    torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+
+
+if _extension.has_op("hae_gather_forward"):
+    register_op_glue("grasp::hae_gather_forward", "grasp::hae_gather_backward")

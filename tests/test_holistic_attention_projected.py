@@ -1,0 +1,294 @@
+"""grasp.ops.holistic_attention_projected on every backend that can run here, against the reference
+(holistic_attention of the gathered pairs, then the linear layer)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import DEVICES
+from test_holistic_attention import ALL_DTYPES, check_flash_style, run_with_grads
+
+import grasp
+from grasp.ops import hae_projected
+from grasp.ops._backends import interpreting
+from grasp.ops.hae_projected import holistic_attention_projected_reference, projected_values
+
+op = grasp.ops.holistic_attention_projected
+
+
+def runnable(device: str) -> list[str]:
+    return [b for b in ("reference", "cpu", "cuda", "triton") if not hae_projected.backend_reason(b, device)]
+
+
+BACKEND_CASES = [(dev, b) for dev in DEVICES for b in runnable(dev)]
+KERNEL_CASES = [(dev, b) for dev, b in BACKEND_CASES if b != "reference"]
+# (U, M, N, d, e): one pair, odd sizes, more pairs than rows (shared rows), the widths of real models.
+SHAPES = [(1, 1, 1, 1, 1), (3, 7, 40, 17, 9), (5, 50, 300, 64, 64), (2, 3, 33, 50, 50), (4, 9, 17, 8, 130)]
+INDEXINGS = ["random", "one_item", "sorted"]
+
+
+def make_inputs(U, M, N, d, e, *, dtype, device, indexing="random", bias=True, requires_grad=True):
+    """Float inputs (user, user_sim, item, item_sim, weight[, bias]) and the indices."""
+    shapes = [(U, d), (U, d), (M, d), (M, d), (e, 4 * d)] + ([(e,)] if bias else [])
+    tensors = [torch.randn(s, dtype=dtype, device=device) for s in shapes]
+    tensors[4] = tensors[4] / (4 * d) ** 0.5  # nn.Linear-like scale
+    tensors = [t.requires_grad_(requires_grad) for t in tensors]
+    user_index = torch.randint(0, U, (N,), device=device)
+    item_index = torch.randint(0, M, (N,), device=device)
+    if indexing == "one_item":  # every pair reads item 0: the backward's scatter sums N contributions
+        item_index.zero_()
+    elif indexing == "sorted":
+        user_index, item_index = user_index.sort().values, item_index.sort().values
+    return tensors, user_index, item_index
+
+
+def check(actual, lowp, truth, what: str) -> None:
+    """Flash-style tolerance (test_holistic_attention.check_flash_style). In float64 the same-dtype torch
+    result is the truth itself, and sums over hundreds of pairs (the weight's and shared rows' gradients)
+    round differently in the kernels: there a relative 1e-10 applies."""
+    if actual.dtype == torch.float64:
+        torch.testing.assert_close(actual, truth, rtol=1e-10, atol=1e-10, msg=what)
+    else:
+        check_flash_style(actual, lowp, truth, what)
+
+
+def call(backend, ui, ii):
+    def fn(user, user_sim, item, item_sim, weight, bias=None):
+        return op(user, user_sim, item, item_sim, weight, bias, user_index=ui, item_index=ii, backend=backend)
+
+    return fn
+
+
+def assert_matches_reference(backend, device, dtype, shape, indexing="random"):
+    tensors, ui, ii = make_inputs(*shape, dtype=dtype, device=device, indexing=indexing)
+    N, e = shape[2], shape[4]
+    grad_out = torch.randn(N, e, dtype=dtype, device=device)
+    out, grads = run_with_grads(call(backend, ui, ii), tensors, grad_out)
+    assert out.dtype == dtype and out.shape == (N, e)
+    assert [g.shape for g in grads] == [t.shape for t in tensors]
+    truth_in = [t.detach().double().requires_grad_() for t in tensors]
+    reference = lambda upcast: lambda *t: holistic_attention_projected_reference(*t[:5], t[5], ui, ii, upcast=upcast)  # noqa: E731
+    truth, truth_grads = run_with_grads(reference(True), truth_in, grad_out.double())
+    lowp, lowp_grads = run_with_grads(reference(False), tensors, grad_out)
+    check(out, lowp, truth, "output")
+    names = ("user", "user_sim", "item", "item_sim", "weight", "bias")
+    for name, g, gl, gt in zip(names, grads, lowp_grads, truth_grads, strict=True):
+        check(g, gl, gt, f"grad {name}")
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("indexing", INDEXINGS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference_fp32(device, backend, shape, indexing):
+    assert_matches_reference(backend, device, torch.float32, shape, indexing)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_matches_reference_every_dtype(device, backend, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels take no float64")
+    assert_matches_reference(backend, device, dtype, (3, 7, 40, 17, 9))
+    assert_matches_reference(backend, device, dtype, (4, 30, 200, 64, 64), "one_item")
+
+
+@pytest.mark.parametrize("device,backend", [(dev, b) for dev, b in BACKEND_CASES if b != "triton"])
+@pytest.mark.parametrize("indexing", INDEXINGS)
+def test_gradcheck_float64(device, backend, indexing):
+    tensors, ui, ii = make_inputs(3, 4, 11, 5, 3, dtype=torch.float64, device=device, indexing=indexing)
+    assert torch.autograd.gradcheck(call(backend, ui, ii), tensors)
+
+
+def test_equals_holistic_attention_then_linear():
+    """The op's defining identity, through the public unfused op and nn.Linear (any backend order)."""
+    U, M, N, d, e = 4, 6, 25, 16, 12
+    (u, us, i, is_, _w, _b), ui, ii = make_inputs(U, M, N, d, e, dtype=torch.float64, device="cpu", requires_grad=False)
+    linear = torch.nn.Linear(4 * d, e, dtype=torch.float64)
+    hae = grasp.ops.holistic_attention(u[ui][None], us[ui][None], i[ii][None], is_[ii][None])[0]
+    expected = linear(hae)
+    out = op(u, us, i, is_, linear.weight, linear.bias, user_index=ui, item_index=ii)
+    torch.testing.assert_close(out, expected)
+    v = projected_values(i, is_, linear.weight)
+    assert v.shape == (M, 3, e)
+
+
+def _op_for(backend: str):
+    if backend == "triton":
+        import grasp_kernels.holistic_attention_projected  # noqa: F401
+
+        return torch.ops.grasp.hae_gather_forward_triton.default
+    return torch.ops.grasp.hae_gather_forward.default
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+@pytest.mark.parametrize("indexing", ["random", "one_item"])
+def test_opcheck(device, backend, indexing):
+    (u, us, i, is_, w), ui, ii = make_inputs(3, 5, 19, 17, 7, dtype=torch.float32, device=device,
+                                             indexing=indexing, bias=False)
+    values = projected_values(i, is_, w).detach().requires_grad_()
+    torch.library.opcheck(_op_for(backend), (u, us, i, is_, values, ui, ii))
+
+
+class TinyEnhancer(torch.nn.Module):
+    """Adapters, the fused op and a second layer, as the GRASP enhancer uses them."""
+
+    def __init__(self, d: int, backend: str) -> None:
+        super().__init__()
+        self.adapt = torch.nn.Linear(d, d)
+        self.first = torch.nn.Linear(4 * d, d)
+        self.second = torch.nn.Linear(d, 1)
+        self.backend = backend
+
+    def forward(self, user, user_sim, item, item_sim, ui, ii):
+        h = op(self.adapt(user), user_sim, self.adapt(item), item_sim, self.first.weight, self.first.bias,
+               user_index=ui, item_index=ii, backend=self.backend)  # fmt: skip
+        return self.second(torch.nn.functional.gelu(h)).squeeze(-1)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_torch_compile_fullgraph(device, backend):
+    d = 16
+    model = TinyEnhancer(d, backend).to(device)
+    tensors, ui, ii = make_inputs(3, 6, 21, d, d, dtype=torch.float32, device=device, requires_grad=False)
+    u, us, i, is_ = tensors[:4]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    eager_out = model(u, us, i, is_, ui, ii)
+    eager_grads = torch.autograd.grad(eager_out.sum(), model.parameters())
+    out = compiled(u, us, i, is_, ui, ii)
+    grads = torch.autograd.grad(out.sum(), model.parameters())
+    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
+    for g, ge in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(g, ge, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_non_contiguous_views(device, backend):
+    U, M, N, d, e = 3, 5, 23, 9, 7
+    base = torch.randn(d, U + M, 2, device=device, requires_grad=True)
+    user, item = base[:, :U, 0].t(), base[:, U:, 0].t()
+    user_sim, item_sim = base[:, :U, 1].t(), base[:, U:, 1].t()
+    base_w = torch.randn(4 * d, e, device=device, requires_grad=True)
+    weight = base_w.t()
+    ui = torch.randint(0, U, (2 * N,), device=device)[::2]
+    ii = torch.randint(0, M, (2 * N,), device=device)[::2]
+    assert not any(t.is_contiguous() for t in (user, item, user_sim, item_sim, weight, ui, ii))
+    grad_out = torch.randn(N, e, device=device)
+    leaves = (base, base_w)
+    out, grads = run_with_grads(lambda *_: op(user, user_sim, item, item_sim, weight, user_index=ui,
+                                              item_index=ii, backend=backend), leaves, grad_out)  # fmt: skip
+    expected, expected_grads = run_with_grads(
+        lambda *_: holistic_attention_projected_reference(
+            user.contiguous(), user_sim.contiguous(), item.contiguous(), item_sim.contiguous(), weight.contiguous(),
+            None, ui.contiguous(), ii.contiguous(),
+        ),
+        leaves, grad_out,
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for g, ge in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, ge, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_no_pairs(device, backend):
+    tensors, ui, ii = make_inputs(2, 3, 0, 8, 5, dtype=torch.float32, device=device)
+    out, grads = run_with_grads(call(backend, ui, ii), tensors, torch.zeros(0, 5, device=device))
+    assert out.shape == (0, 5)
+    assert all(not g.any() for g in grads)
+
+
+def test_cpu_backward_is_deterministic_across_thread_counts():
+    if hae_projected.backend_reason("cpu", "cpu"):
+        pytest.skip(hae_projected.backend_reason("cpu", "cpu"))
+    tensors, ui, ii = make_inputs(7, 40, 3000, 33, 21, dtype=torch.float32, device="cpu")
+    grad_out = torch.randn(3000, 21)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            results.append(run_with_grads(call("cpu", ui, ii), tensors, grad_out))
+    finally:
+        torch.set_num_threads(threads)
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.equal(out_a, out_b) and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+
+
+@pytest.mark.skipif(os.environ.get("GRASP_NO_EXTENSION") == "1", reason="built without the extension")
+def test_expected_backends_are_present(monkeypatch):
+    """The parametrised cases only exist for runnable backends: make a missing one fail here."""
+    monkeypatch.delenv("GRASP_BACKEND", raising=False)
+    assert not hae_projected.backend_reason("cpu", "cpu"), hae_projected.backend_reason("cpu", "cpu")
+    assert hae_projected._choose_backend(None, "cpu", torch.float32) == "cpu"
+    assert not hae_projected.backend_reason("triton", "cpu") or not interpreting()
+    if torch.cuda.is_available():
+        assert hae_projected._choose_backend(None, "cuda", torch.bfloat16) == "triton"
+
+
+def test_cuda_backend_is_explained():
+    assert "no CUDA C++ kernel" in hae_projected.backend_reason("cuda", "cuda")
+    args, kwargs = _good()
+    with pytest.raises(RuntimeError, match="no CUDA C..? kernel"):
+        op(*args, **kwargs, backend="cuda")
+
+
+# ---- bad input: a clear error naming the argument, never a crash inside a kernel ----
+
+
+def _good():
+    tensors, ui, ii = make_inputs(2, 3, 5, 4, 6, dtype=torch.float32, device="cpu", requires_grad=False)
+    return tensors, {"user_index": ui, "item_index": ii}
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,pattern",
+    [
+        (lambda a, kw: a.__setitem__(3, torch.randn(3, 5)), ValueError, r"item_sim must have item's shape"),
+        (lambda a, kw: a.__setitem__(0, torch.randn(2, 5)), ValueError, r"user must be \[U, d\] with d = 4"),
+        (lambda a, kw: a.__setitem__(1, torch.randn(3, 4)), ValueError, r"user_sim must have user's shape"),
+        (lambda a, kw: a.__setitem__(2, torch.randn(3, 4, 1)), ValueError, r"item must be \[M, d\]"),
+        (lambda a, kw: a.__setitem__(4, torch.randn(6, 15)), ValueError, r"weight must be \[e, 4d\] = \[e, 16\]"),
+        (lambda a, kw: a.__setitem__(5, torch.randn(5)), ValueError, r"bias must be \[e\] = \[6\]"),
+        (lambda a, kw: a.__setitem__(4, torch.randn(6, 16, dtype=torch.float64)), TypeError,
+         r"mixed dtypes: weight is torch.float64"),
+        (lambda a, kw: a.__setitem__(0, torch.ones(2, 4, dtype=torch.int64)), TypeError,
+         r"user must be float32, float16, bfloat16 or float64"),
+        (lambda a, kw: kw.__setitem__("item_index", torch.tensor([0, 1, 2, 3, 0])), ValueError,
+         r"item_index must lie in 0..2 \(item has 3 rows\), got values in 0..3"),
+        (lambda a, kw: kw.__setitem__("user_index", torch.tensor([0, -1, 0, 0, 0])), ValueError,
+         r"user_index must lie in 0..1"),
+        (lambda a, kw: kw.__setitem__("user_index", torch.zeros(5, dtype=torch.int32)), TypeError,
+         r"user_index must be a 1-d int64 tensor, got torch.int32"),
+        (lambda a, kw: kw.__setitem__("item_index", torch.zeros(4, dtype=torch.int64)), ValueError,
+         r"user_index and item_index must have one length, got 5 and 4"),
+        (lambda a, kw: kw.__setitem__("backend", "tpu"), ValueError, r"unknown backend 'tpu'"),
+        (lambda a, kw: a.__setitem__(2, [1.0]), TypeError, r"item must be a torch.Tensor, got list"),
+    ],
+    ids=["item_sim_shape", "user_width", "user_sim_shape", "item_rank", "weight_shape", "bias_shape", "mixed_dtype",
+         "int_tensor", "index_range", "negative_index", "index_dtype", "index_lengths", "backend", "not_tensor"],
+)
+def test_bad_input_is_named(mutate, exc, pattern):
+    args, kwargs = _good()
+    mutate(args, kwargs)
+    with pytest.raises(exc, match=pattern):
+        op(*args, **kwargs)
+
+
+def test_mixed_devices_are_rejected():
+    args, kwargs = _good()
+    kwargs["item_index"] = kwargs["item_index"].to("meta")
+    with pytest.raises(ValueError, match=r"mixed devices: item_index is on meta"):
+        op(*args, **kwargs)
+
+
+def test_out_of_range_index_under_torch_compile_is_named():
+    args, kwargs = _good()
+    fn = torch.compile(lambda *a, **kw: op(*a, **kw), fullgraph=True)
+    torch._dynamo.reset()
+    assert fn(*args, **kwargs).shape == (5, 6)
+    kwargs["item_index"] = torch.tensor([0, 1, 2, 3, 0])
+    with pytest.raises(RuntimeError, match=r"item_index out of range 0..2"):
+        fn(*args, **kwargs)
