@@ -10,11 +10,13 @@ import torch
 
 from grasp import _extension
 from grasp.ops import hae as _hae
+from grasp.ops import hae_projected as _hae_projected
 from grasp.ops import knn as _knn
 
 # op name -> (function telling why a backend cannot run on a device type, backends it has)
 OPS = {
     "holistic_attention": (_hae.backend_reason, ("reference", "cpu", "cuda", "triton")),
+    "holistic_attention_projected": (_hae_projected.backend_reason, ("reference", "cpu", "cuda", "triton")),
     "topk_neighbor_mean": (_knn.backend_reason, ("reference", "cpu", "cuda", "triton", "faiss")),
 }
 PACKAGES = ("torch", "triton", "numpy", "faiss-cpu", "faiss-gpu", "openai", "cupy-cuda13x", "cupy-cuda12x")

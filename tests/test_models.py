@@ -11,6 +11,7 @@ import torch
 import grasp.models.item_encoders as item_encoders
 from grasp.models import BACKBONES, MODELS, build_model
 from grasp.models.item_encoders import pca_embedding
+from grasp.ops import holistic_attention_reference
 from grasp.pipeline.tables import Tables
 
 NUM_USERS, NUM_ITEMS, DIM = 12, 40, 24
@@ -266,6 +267,51 @@ def test_hae_branch_ablations_resize_the_mlp_and_change_the_output():
     assert not torch.allclose(outputs[("self",)], outputs[("similar",)])
 
 
+@pytest.mark.parametrize("branches", [("self", "similar", "global"), ("self",), ("similar", "global")])
+def test_fused_enhancer_equals_the_op_then_the_mlp(branches):
+    """The sigmoid enhancer runs holistic_attention_projected; it must equal holistic_attention + the MLP, in
+    value and in every parameter's gradient."""
+    torch.manual_seed(0)
+    net = make("sasrec", "grasp", hae_branches=branches, dropout=0.0)
+    enhancer = net.encoder.enhancer
+    users, seqs, _ = batch(length=8)
+    fused = enhancer(users, seqs)
+    fused_grads = torch.autograd.grad(fused.square().sum(), list(enhancer.parameters()))
+    u, u_sim = enhancer.adapt_users(users)
+    i, i_sim = enhancer.adapt_items(seqs)
+    unfused = enhancer.combine(u, u_sim, i, i_sim, seqs > 0)
+    unfused_grads = torch.autograd.grad(unfused.square().sum(), list(enhancer.parameters()))
+    torch.testing.assert_close(fused, unfused)
+    for g, gu in zip(fused_grads, unfused_grads, strict=True):
+        torch.testing.assert_close(g, gu)
+
+
+def test_forced_cuda_backend_runs_the_unfused_op(monkeypatch):
+    calls = []
+
+    def unfused(user, user_sim, item, item_sim, *, mask, activation, backend):
+        calls.append(backend)
+        return holistic_attention_reference(user, user_sim, item, item_sim, mask, activation)
+
+    monkeypatch.setattr(item_encoders, "holistic_attention", unfused)
+    net = make("sasrec", "grasp").eval()
+    net.encoder.enhancer.backend = "cuda"
+    users, seqs, _ = batch(length=8)
+    with torch.no_grad():
+        net.encoder.enhancer(users, seqs)
+    assert calls == ["cuda"]
+
+
+def test_grasp_id_init_pca_starts_from_llminit_embeddings():
+    tables = random_tables()
+    grasp_pca = make("sasrec", "grasp", tables, id_init="pca")
+    llminit = make("sasrec", "llminit", tables)
+    torch.testing.assert_close(grasp_pca.encoder.embedding.weight[: NUM_ITEMS + 1],
+                               llminit.encoder.embedding.weight[: NUM_ITEMS + 1])  # fmt: skip
+    random_init = make("sasrec", "grasp", tables)
+    assert not torch.allclose(random_init.encoder.embedding.weight, grasp_pca.encoder.embedding.weight)
+
+
 def test_self_branch_ignores_the_neighbour_tables():
     tables = random_tables()
     torch.manual_seed(0)
@@ -391,6 +437,10 @@ def test_build_model_errors():
         build(attention=False, hae_branches=("self",))
     with pytest.raises(ValueError, match="no enhancer"):
         build(model="id", hae_branches=("self",))
+    with pytest.raises(ValueError, match="id_init: unknown 'zeros'; valid: random, pca"):
+        build(id_init="zeros")
+    with pytest.raises(ValueError, match="id_init applies to model 'grasp' only, not 'id'"):
+        build(model="id", id_init="pca")
     with pytest.raises(ValueError, match="llmesr_alpha applies"):
         build(model="id", llmesr_alpha=0.5)
     with pytest.raises(ValueError, match="divisible by num_heads"):

@@ -149,7 +149,7 @@ class GraspEnhancer(nn.Module):
     adapters, not here: the MLP runs once per position). Positions that are padding (0) or the mask token
     get a zero enhancement. With sigmoid gates the op and the MLP's first layer run fused, as
     :func:`grasp.ops.holistic_attention_projected` (the same function, the layer's projection applied once
-    per distinct item instead of once per position).
+    per distinct item instead of once per position); ``backend="cuda"``, which that op lacks, runs them unfused.
 
     Ablations:
         branches: the subset of ``("self", "similar", "global")`` whose output slices (``[0:d]``,
@@ -258,7 +258,7 @@ class GraspEnhancer(nn.Module):
             i, i_sim = self.adapt_items(items)
             return self.combine(u, u_sim, i, i_sim, mask)
         rows, cols = mask.nonzero(as_tuple=True)
-        if self.attention:
+        if self.attention and self.backend != "cuda":  # the fused op has no CUDA C++ kernel (its GPU one is Triton)
             packed = self._projected(u, u_sim, items[rows, cols], rows)
         else:
             i, i_sim = self.adapt_items(items[rows, cols])
