@@ -258,31 +258,39 @@ class GraspEnhancer(nn.Module):
             i, i_sim = self.adapt_items(items)
             return self.combine(u, u_sim, i, i_sim, mask)
         rows, cols = mask.nonzero(as_tuple=True)
-        if self.attention and self.backend != "cuda":  # the fused op has no CUDA C++ kernel (its GPU one is Triton)
-            packed = self._projected(u, u_sim, items[rows, cols], rows)
+        if self.fused:
+            (i, i_sim), inverse = _adapt_distinct(self.item_adapter, (self.item, self.item_sim), items[rows, cols])
+            packed = self._fused(u, u_sim, i, i_sim, rows, inverse)
         else:
             i, i_sim = self.adapt_items(items[rows, cols])
             packed = self.combine(u[rows][None], u_sim[rows][None], i[None], i_sim[None], None)[0]
         out = packed.new_zeros(*items.shape, self.d)
         return out.index_put((rows, cols), packed)
 
-    def _projected(self, u: Tensor, u_sim: Tensor, items: Tensor, rows: Tensor) -> Tensor:
-        """MLP(holistic attention) of the pairs ``(rows[n], items[n])`` with sigmoid gates, ``[N, d]``: the op
-        and the MLP's first layer fused (a dropped branch is a zero block of the layer's weight)."""
-        (i, i_sim), inverse = _adapt_distinct(self.item_adapter, (self.item, self.item_sim), items)
+    @property
+    def fused(self) -> bool:
+        """Whether the op and the MLP's first layer run as :func:`grasp.ops.holistic_attention_projected`:
+        with sigmoid gates, unless the ``cuda`` backend (which that op lacks; its GPU kernel is Triton) is
+        forced."""
+        return self.attention and self.activation == "sigmoid" and self.backend != "cuda"
+
+    def _fused(self, u: Tensor, u_sim: Tensor, i: Tensor, i_sim: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        """The enhancement ``[N, d]`` of the pairs ``(u[rows[n]], i[cols[n]])`` of adapted users and items (a
+        dropped branch is a zero block of the first layer's weight)."""
         first, rest = self.mlp[0], self.mlp[1:]
         weight = first.weight
         if self.keep is not None:
             weight = weight.new_zeros(weight.shape[0], 4 * self.d).index_copy(1, self.keep, weight)
         hidden = holistic_attention_projected(
-            u, u_sim, i, i_sim, weight, first.bias, user_index=rows, item_index=inverse, backend=self.backend
+            u, u_sim, i, i_sim, weight, first.bias, user_index=rows, item_index=cols, backend=self.backend
         )
         return rest(hidden)
 
     def score_all(self, users: Tensor, state: Tensor) -> Tensor:
         """``<state[b], enhancer(user_b, c)>`` for items c = 1..num_items: ``[B, num_items]``.
 
-        Items go through the op in chunks of ``[B, chunk, 4d]`` so memory stays bounded.
+        Items go in chunks of ``chunk`` so that a chunk's ``[B, chunk, 4d]`` (unfused) or ``[B, chunk, d]``
+        (fused) block stays bounded.
         """
         batch = len(users)
         u, u_sim = self.adapt_users(users)
@@ -290,12 +298,17 @@ class GraspEnhancer(nn.Module):
         row_lse = None
         if self.attention and self.activation == "softmax":
             row_lse = self._gate_logits(u @ i_all.T, u_sim @ i_sim_all.T).logsumexp(1)
-        chunk = max(1, _CHUNK_ELEMENTS // (batch * 4 * self.d))
+        chunk = max(1, _CHUNK_ELEMENTS // (batch * (1 if self.fused else 4) * self.d))
         scores = []
         for lo in range(0, self.num_items, chunk):
-            i = i_all[None, lo : lo + chunk].expand(batch, -1, -1)
-            i_sim = i_sim_all[None, lo : lo + chunk].expand(batch, -1, -1)
-            rep = self.combine(u, u_sim, i, i_sim, None, row_lse)
+            i, i_sim = i_all[lo : lo + chunk], i_sim_all[lo : lo + chunk]
+            if self.fused:
+                rows = torch.arange(batch, device=users.device).repeat_interleave(len(i))
+                cols = torch.arange(len(i), device=users.device).repeat(batch)
+                rep = self._fused(u, u_sim, i, i_sim, rows, cols).view(batch, len(i), self.d)
+            else:
+                i, i_sim = (t[None].expand(batch, -1, -1) for t in (i, i_sim))
+                rep = self.combine(u, u_sim, i, i_sim, None, row_lse)
             scores.append(torch.bmm(rep, state.unsqueeze(-1)).squeeze(-1))
         return torch.cat(scores, 1)
 
