@@ -56,7 +56,13 @@ def _frozen(array: np.ndarray, extra_rows: int = 0) -> Tensor:
 
 
 def _adapt_distinct(adapter: nn.Module, tables: tuple[Tensor, ...], ids: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:
-    """``adapter(table[distinct ids])`` for each table, and the flat index of every id into those rows."""
+    """``adapter(table[distinct ids])`` for each table, and the flat index of every id into those rows.
+
+    When there are at least as many ids as table rows (a training batch of a small catalogue), the adapter
+    runs over the whole tables instead: about the same rows, without sorting the ids.
+    """
+    if ids.numel() >= len(tables[0]):
+        return adapter(torch.cat(tables)).chunk(len(tables)), ids.reshape(-1)
     unique, inverse = torch.unique(ids, return_inverse=True)
     adapted = adapter(torch.cat([t[unique] for t in tables]))
     return adapted.chunk(len(tables)), inverse.reshape(-1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from grasp.nn.dropout import Dropout
 from grasp.ops.hae import ACTIVATIONS, holistic_attention
 
 
@@ -12,7 +13,7 @@ class Adapter(nn.Sequential):
 
     def __init__(self, in_dim: int, d: int, *, hidden: int | None = None, dropout: float = 0.0) -> None:
         hidden = hidden or 2 * d
-        super().__init__(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, d))
+        super().__init__(nn.Linear(in_dim, hidden), nn.GELU(), Dropout(dropout), nn.Linear(hidden, d))
 
 
 class HolisticAttention(nn.Module):
