@@ -17,6 +17,7 @@ whole of d (BLOCK_D = next_power_of_2(d)) and of e (BLOCK_E); everything is accu
 ``grasp::hae_gather_forward_triton`` (differentiable) and ``grasp::hae_gather_backward_triton`` wrap them.
 """
 
+import math
 import os
 
 import torch
@@ -73,7 +74,7 @@ def _gather(ptr, rows, width, offs, ok):
 
 
 @triton.jit
-def _pairs(user_index_ptr, item_index_ptr, user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, N, D,
+def _pairs(user_index_ptr, item_index_ptr, user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, N, D, scale, scale_glob,
            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """The block's pairs: indices, their live mask, the gathered u, ū, i, ī tiles and the three gates."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -88,22 +89,21 @@ def _pairs(user_index_ptr, item_index_ptr, user_ptr, user_sim_ptr, item_ptr, ite
     i_sim = _gather(item_sim_ptr, j, D, offs_d, ok_d)
     s1 = tl.sum(u * i, axis=1)
     s2 = tl.sum(u_sim * i_sim, axis=1)
-    scale = 1.0 / tl.sqrt(D.to(tl.float32))
-    scale_glob = 1.0 / tl.sqrt(2.0 * D.to(tl.float32))
     a_self = tl.sigmoid(s1 * scale)
     a_sim = tl.sigmoid(s2 * scale)
     a_glob = tl.sigmoid((s1 + s2) * scale_glob)
-    return offs_n, live, r, j, offs_d, ok_d, u, u_sim, i, i_sim, a_self, a_sim, a_glob, scale, scale_glob
+    return offs_n, live, r, j, offs_d, ok_d, u, u_sim, i, i_sim, a_self, a_sim, a_glob
 
 
 @_autotune
 @triton.jit
 def _fwd_kernel(
     user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, values_ptr, user_index_ptr, item_index_ptr, out_ptr,
-    N, D, E, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    N, D, E, scale, scale_glob, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    offs_n, live, r, j, offs_d, ok_d, u, u_sim, i, i_sim, a_self, a_sim, a_glob, scale, scale_glob = _pairs(
-        user_index_ptr, item_index_ptr, user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, N, D, BLOCK_N, BLOCK_D
+    offs_n, live, r, j, offs_d, ok_d, u, u_sim, i, i_sim, a_self, a_sim, a_glob = _pairs(
+        user_index_ptr, item_index_ptr, user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, N, D, scale, scale_glob,
+        BLOCK_N, BLOCK_D,
     )
     offs_e = tl.arange(0, BLOCK_E)
     ok_e = live[:, None] & (offs_e < E)[None, :]
@@ -120,11 +120,12 @@ def _fwd_kernel(
 def _bwd_kernel(
     grad_out_ptr, user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, values_ptr, user_index_ptr, item_index_ptr,
     grad_user_ptr, grad_user_sim_ptr, grad_item_ptr, grad_item_sim_ptr, grad_values_ptr,
-    N, D, E, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    N, D, E, scale, scale_glob, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """Accumulates (float32 atomics) into the zero-initialised float32 gradient buffers."""
-    offs_n, live, r, j, offs_d, ok_d, u, u_sim, i, i_sim, a_self, a_sim, a_glob, scale, scale_glob = _pairs(
-        user_index_ptr, item_index_ptr, user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, N, D, BLOCK_N, BLOCK_D
+    offs_n, live, r, j, offs_d, ok_d, u, u_sim, i, i_sim, a_self, a_sim, a_glob = _pairs(
+        user_index_ptr, item_index_ptr, user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, N, D, scale, scale_glob,
+        BLOCK_N, BLOCK_D,
     )
     offs_e = tl.arange(0, BLOCK_E)
     ok_e = live[:, None] & (offs_e < E)[None, :]
@@ -152,7 +153,8 @@ def _launch_args(item: Tensor, values: Tensor, user_index: Tensor) -> dict:
     if item.dtype not in _DTYPES:
         raise TypeError(f"projected HAE Triton kernels take float32, float16 or bfloat16, not {item.dtype}")
     D, E = item.shape[1], values.shape[2]
-    return dict(N=user_index.shape[0], D=D, E=E, BLOCK_D=triton.next_power_of_2(D), BLOCK_E=triton.next_power_of_2(E))
+    return dict(N=user_index.shape[0], D=D, E=E, scale=1.0 / math.sqrt(D), scale_glob=1.0 / math.sqrt(2 * D),
+                BLOCK_D=triton.next_power_of_2(D), BLOCK_E=triton.next_power_of_2(E))
 
 
 def _grid(meta):

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -292,3 +295,14 @@ def test_out_of_range_index_under_torch_compile_is_named():
     kwargs["item_index"] = torch.tensor([0, 1, 2, 3, 0])
     with pytest.raises(RuntimeError, match=r"item_index out of range 0..2"):
         fn(*args, **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the kernels themselves")
+def test_triton_kernels_compile_for_sm90():
+    """Without a GPU the interpreter runs the kernels; this checks that the real compiler takes them too."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("_triton_sm90.py")
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("bytes of sm_90 cubin") == 6, result.stdout
