@@ -116,6 +116,19 @@ def test_compare_runs_single_seeds_and_plot(tmp_path):
     assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_grasp_id_init_is_named_and_old_configs_read_as_random(tmp_path):
+    pca = _fake_metrics(42)
+    pca["config"]["id_init"] = "pca"
+    old = _fake_metrics(42)
+    del old["config"]["id_init"]  # a run directory written before --id-init existed
+    table = compare_runs([_write_run(tmp_path / "pca", pca), _write_run(tmp_path / "old", old)])
+    lines = table.strip().splitlines()
+    assert lines[2].startswith("| pca | grasp (id-init pca) | sasrec |")
+    assert lines[3].startswith("| old | grasp | sasrec |")
+    assert metrics_tables(pca).startswith("# sasrec / grasp (id-init pca) on toy")
+    assert TrainConfig.from_dict(old["config"]).id_init == "random"
+
+
 def test_compare_runs_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no metrics.json and no seed"):
         compare_runs([tmp_path])

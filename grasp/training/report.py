@@ -76,11 +76,18 @@ def _group_table(groups: dict[str, Any], sizes: dict[str, int] | None) -> str:
     return _table(header, rows)
 
 
+def _model_label(config: dict[str, Any]) -> str:
+    """The model's name, with GRASP's ID initialisation when it is not the default random one."""
+    label = str(config.get("model", "?"))
+    id_init = config.get("id_init", "random")
+    return label if id_init == "random" else f"{label} (id-init {id_init})"
+
+
 def metrics_tables(metrics: dict[str, Any]) -> str:
     """Markdown for one run (or a multi-seed summary): test table, thresholds, validation overall, config."""
     config = metrics.get("config", {})
     dataset = metrics.get("dataset", {})
-    title = f"{config.get('backbone', '?')} / {config.get('model', '?')} on {dataset.get('name', '?')}"
+    title = f"{config.get('backbone', '?')} / {_model_label(config)} on {dataset.get('name', '?')}"
     parts = [f"# {title}", ""]
     if "seeds" in metrics:
         parts.append(f"Mean ± std over {metrics['runs']} seeds ({', '.join(map(str, metrics['seeds']))}).")
@@ -227,7 +234,7 @@ def compare_runs(run_dirs: list[Path], out: Path | None = None, plot: Path | Non
     for name, m in runs:
         cfg, overall = m.get("config", {}), m.get("test", {}).get("overall") or {}
         rows.append([
-            name, str(cfg.get("model", "?")), str(cfg.get("backbone", "?")), str(m.get("dataset", {}).get("name", "?")),
+            name, _model_label(cfg), str(cfg.get("backbone", "?")), str(m.get("dataset", {}).get("name", "?")),
             str(m.get("runs", 1)), _fmt(overall.get("NDCG@10")), _fmt(overall.get("HR@10")),
             *(_fmt(_ndcg10(m, g)) for g in GROUPS[1:]),
         ])  # fmt: skip
