@@ -26,15 +26,13 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from grasp.ops.hae_projected import register_op_glue
+from grasp.ops.hae_projected import TRITON_DTYPES, register_op_glue
 
 __all__ = ["hae_gather_backward", "hae_gather_forward"]
 
 # Under TRITON_INTERPRET=1 the kernels run on CPU tensors in Triton's interpreter: nothing to tune, and
 # they are launched directly (wrap_triton only serves torch.compile's tracing of the triton_ops).
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Most elements of a [BLOCK_N, max(BLOCK_D, BLOCK_E)] tile per thread a config may use: the backward keeps
 # about eight float32 tiles live.
@@ -65,6 +63,15 @@ _autotune = triton.autotune(
     key=["D", "E"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
+# The backward accumulates into zeroed buffers: every config the tuner benchmarks must start from zeros again,
+# or the benchmark launches' sums would be added to the real one's.
+_GRAD_BUFFERS = ["grad_user_ptr", "grad_user_sim_ptr", "grad_item_ptr", "grad_item_sim_ptr", "grad_values_ptr"]
+_autotune_accumulating = triton.autotune(
+    configs=_CONFIGS,
+    key=["D", "E"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+    reset_to_zero=_GRAD_BUFFERS,
+)
 
 
 @triton.jit
@@ -77,7 +84,7 @@ def _gather(ptr, rows, width, offs, ok):
 def _pairs(user_index_ptr, item_index_ptr, user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, N, D, scale, scale_glob,
            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """The block's pairs: indices, their live mask, the gathered u, ū, i, ī tiles and the three gates."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: N * e may pass 2^31
     live = offs_n < N
     r = tl.load(user_index_ptr + offs_n, mask=live, other=0)
     j = tl.load(item_index_ptr + offs_n, mask=live, other=0)
@@ -115,7 +122,7 @@ def _fwd_kernel(
     tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=ok_e)
 
 
-@_autotune
+@_autotune_accumulating
 @triton.jit
 def _bwd_kernel(
     grad_out_ptr, user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, values_ptr, user_index_ptr, item_index_ptr,
@@ -150,7 +157,7 @@ def _bwd_kernel(
 
 
 def _launch_args(item: Tensor, values: Tensor, user_index: Tensor) -> dict:
-    if item.dtype not in _DTYPES:
+    if item.dtype not in TRITON_DTYPES:
         raise TypeError(f"projected HAE Triton kernels take float32, float16 or bfloat16, not {item.dtype}")
     D, E = item.shape[1], values.shape[2]
     return dict(N=user_index.shape[0], D=D, E=E, scale=1.0 / math.sqrt(D), scale_glob=1.0 / math.sqrt(2 * D),

@@ -306,3 +306,31 @@ def test_triton_kernels_compile_for_sm90():
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("bytes of sm_90 cubin") == 6, result.stdout
+
+
+def test_cpu_kernel_checks_indices_itself():
+    """A direct call of the kernel op (no Python validation) with a bad index is an error, not a wild write."""
+    if hae_projected.backend_reason("cpu", "cpu"):
+        pytest.skip(hae_projected.backend_reason("cpu", "cpu"))
+    (u, us, i, is_, w), ui, ii = make_inputs(2, 3, 4, 4, 5, dtype=torch.float32, device="cpu", bias=False,
+                                             requires_grad=False)  # fmt: skip
+    values = projected_values(i, is_, w)
+    cases = [(torch.tensor([0, 1, 2, 0]), ii, r"user_index\[2\] = 2 is outside 0..1"),
+             (ui, torch.tensor([0, -1, 0, 0]), r"item_index\[1\] = -1 is outside 0..2")]  # fmt: skip
+    for bad_ui, bad_ii, pattern in cases:
+        with pytest.raises(RuntimeError, match=pattern):
+            torch.ops.grasp.hae_gather_forward(u, us, i, is_, values, bad_ui, bad_ii)
+        with pytest.raises(RuntimeError, match=pattern):
+            torch.ops.grasp.hae_gather_backward(torch.zeros(4, 5), u, us, i, is_, values, bad_ui, bad_ii)
+
+
+def test_triton_backward_autotuner_zeroes_its_accumulators():
+    """The backward adds into zeroed buffers; the autotuner's benchmark launches must not leave sums behind."""
+    if hae_projected.backend_reason("triton", "cpu") and not torch.cuda.is_available():
+        pytest.skip(hae_projected.backend_reason("triton", "cpu"))
+    import grasp_kernels.holistic_attention_projected as kernels
+
+    assert set(kernels._bwd_kernel.reset_to_zero) == {
+        "grad_user_ptr", "grad_user_sim_ptr", "grad_item_ptr", "grad_item_sim_ptr", "grad_values_ptr"
+    }  # fmt: skip
+    assert not kernels._fwd_kernel.reset_to_zero

@@ -91,10 +91,13 @@ def test_score_shapes_and_score_all_agree_with_score(backbone, model):
     torch.testing.assert_close(all_scores.gather(1, candidates), scores, rtol=1e-4, atol=1e-5)
 
 
-def test_grasp_score_all_chunks_over_items(monkeypatch):
-    net = make("sasrec", "grasp").eval()
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])  # fused / unfused (softmax renormalised per chunk)
+def test_grasp_score_all_chunks_over_items(monkeypatch, activation):
+    net = make("sasrec", "grasp", activation=activation).eval()
     users, seqs, _ = batch(length=8)
-    monkeypatch.setattr(item_encoders, "_CHUNK_ELEMENTS", len(users) * 4 * SMALL["d"] * 3)  # 3 items per chunk
+    width = SMALL["d"] if net.encoder.enhancer.fused(users.device) else 4 * SMALL["d"]
+    assert (width == SMALL["d"]) == (activation == "sigmoid")
+    monkeypatch.setattr(item_encoders, "_CHUNK_ELEMENTS", len(users) * width * 3)  # 3 items per chunk
     with torch.no_grad():
         expected = net.score(users, seqs, torch.arange(1, NUM_ITEMS + 1).expand(len(users), -1))
         torch.testing.assert_close(net.score_all(users, seqs)[:, 1:], expected, rtol=1e-4, atol=1e-5)
@@ -286,6 +289,42 @@ def test_fused_enhancer_equals_the_op_then_the_mlp(branches):
         torch.testing.assert_close(g, gu)
 
 
+@pytest.mark.parametrize("ids", [NUM_ITEMS // 2, NUM_ITEMS + 2, 3 * NUM_ITEMS])
+def test_adapt_distinct_whole_table_and_distinct_rows_agree(ids):
+    """Fewer ids than rows: the adapter runs on the distinct ones; at least as many: on the whole table."""
+    tables = (torch.randn(NUM_ITEMS + 2, DIM), torch.randn(NUM_ITEMS + 2, DIM))
+    adapter = torch.nn.Linear(DIM, 5)
+    items = torch.randint(0, NUM_ITEMS + 2, (ids,))
+    (a, b), index = item_encoders._adapt_distinct(adapter, tables, items)
+    assert len(a) == (len(torch.unique(items)) if ids < NUM_ITEMS + 2 else NUM_ITEMS + 2)
+    torch.testing.assert_close(a[index], adapter(tables[0][items]))
+    torch.testing.assert_close(b[index], adapter(tables[1][items]))
+
+
+def test_grasp_trains_under_cpu_autocast():
+    """bfloat16 autocast (what --amp does on CUDA): the fused op gets the layer's weight in the adapters' dtype."""
+    net = make("sasrec", "grasp")
+    users, seqs, negatives = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = net.loss(users, seqs, negatives)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert net.encoder.enhancer.mlp[0].weight.grad.dtype == torch.float32
+    assert net.encoder.enhancer.mlp[0].weight.grad.abs().sum() > 0
+
+
+def test_grasp_backend_env_decides_whether_the_enhancer_fuses(monkeypatch):
+    net = make("sasrec", "grasp").eval()
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("GRASP_BACKEND", "reference")
+    assert net.encoder.enhancer.fused(cpu)
+    monkeypatch.setenv("GRASP_BACKEND", "cuda")  # no such kernel for the fused op: the unfused op (and its error)
+    assert not net.encoder.enhancer.fused(cpu)
+    users, seqs, _ = batch(length=8)
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available for cpu tensors"):
+        net.encoder.enhancer(users, seqs)
+
+
 def test_forced_cuda_backend_runs_the_unfused_op(monkeypatch):
     calls = []
 
@@ -302,14 +341,17 @@ def test_forced_cuda_backend_runs_the_unfused_op(monkeypatch):
     assert calls == ["cuda"]
 
 
-def test_grasp_id_init_pca_starts_from_llminit_embeddings():
+def test_grasp_id_init_defaults_to_pca_the_llminit_embeddings():
     tables = random_tables()
     grasp_pca = make("sasrec", "grasp", tables, id_init="pca")
     llminit = make("sasrec", "llminit", tables)
     torch.testing.assert_close(grasp_pca.encoder.embedding.weight[: NUM_ITEMS + 1],
                                llminit.encoder.embedding.weight[: NUM_ITEMS + 1])  # fmt: skip
-    random_init = make("sasrec", "grasp", tables)
-    assert not torch.allclose(random_init.encoder.embedding.weight, grasp_pca.encoder.embedding.weight)
+    default = make("sasrec", "grasp", tables)
+    torch.testing.assert_close(default.encoder.embedding.weight[: NUM_ITEMS + 1],
+                               grasp_pca.encoder.embedding.weight[: NUM_ITEMS + 1])  # fmt: skip
+    random_init = make("sasrec", "grasp", tables, id_init="random")
+    assert not torch.allclose(random_init.encoder.embedding.weight[1:], grasp_pca.encoder.embedding.weight[1:])
 
 
 def test_self_branch_ignores_the_neighbour_tables():
@@ -440,7 +482,7 @@ def test_build_model_errors():
     with pytest.raises(ValueError, match="id_init: unknown 'zeros'; valid: random, pca"):
         build(id_init="zeros")
     with pytest.raises(ValueError, match="id_init applies to model 'grasp' only, not 'id'"):
-        build(model="id", id_init="pca")
+        build(model="id", id_init="random")
     with pytest.raises(ValueError, match="llmesr_alpha applies"):
         build(model="id", llmesr_alpha=0.5)
     with pytest.raises(ValueError, match="divisible by num_heads"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grasp.nn import HolisticAttention
+from grasp.nn import Dropout, HolisticAttention
 
 
 @pytest.mark.parametrize("per_position", [False, True])
@@ -34,3 +34,15 @@ def test_bad_configuration():
         HolisticAttention(8, 8, activation="tanh")
     with pytest.raises(ValueError, match="d must be >= 1"):
         HolisticAttention(8, 8, d=0)
+
+
+def test_dropout_scales_and_zeroes():
+    x = torch.ones(20000)
+    drop = Dropout(0.25)
+    y = drop(x)
+    assert torch.isin(y, torch.tensor([0.0, 4 / 3])).all() and abs((y == 0).float().mean().item() - 0.25) < 0.02
+    assert torch.equal(drop.eval()(x), x)
+    assert not Dropout(1.0)(x).any()
+    assert repr(Dropout(0.1)) == "Dropout(p=0.1)"
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\], got 1.5"):
+        Dropout(1.5)

@@ -70,7 +70,7 @@ def test_aggregate_mean_and_sample_std():
 
 
 def test_aggregate_rejects_mixed_runs_and_handles_empty_groups():
-    with pytest.raises(ValueError, match="differ in more than the seed: model"):
+    with pytest.raises(ValueError, match="differ in more than the seed: (id_init, )?model"):
         aggregate([_fake_metrics(1), _fake_metrics(2, model="id")])
     with pytest.raises(ValueError, match="different datasets"):
         aggregate([_fake_metrics(1), _fake_metrics(2, fingerprint="zzz")])
@@ -117,16 +117,20 @@ def test_compare_runs_single_seeds_and_plot(tmp_path):
 
 
 def test_grasp_id_init_is_named_and_old_configs_read_as_random(tmp_path):
-    pca = _fake_metrics(42)
-    pca["config"]["id_init"] = "pca"
+    random_init = _fake_metrics(42)
+    random_init["config"]["id_init"] = "random"
     old = _fake_metrics(42)
-    del old["config"]["id_init"]  # a run directory written before --id-init existed
-    table = compare_runs([_write_run(tmp_path / "pca", pca), _write_run(tmp_path / "old", old)])
-    lines = table.strip().splitlines()
-    assert lines[2].startswith("| pca | grasp (id-init pca) | sasrec |")
-    assert lines[3].startswith("| old | grasp | sasrec |")
-    assert metrics_tables(pca).startswith("# sasrec / grasp (id-init pca) on toy")
+    del old["config"]["id_init"]  # a run directory written before --id-init existed: random was the only init
+    default = _fake_metrics(42)
+    runs = [_write_run(tmp_path / name, m) for name, m in (("random", random_init), ("old", old), ("pca", default))]
+    lines = compare_runs(runs).strip().splitlines()
+    assert lines[2].startswith("| random | grasp (id-init random) | sasrec |")
+    assert lines[3].startswith("| old | grasp (id-init random) | sasrec |")
+    assert lines[4].startswith("| pca | grasp | sasrec |")
+    assert metrics_tables(random_init).startswith("# sasrec / grasp (id-init random) on toy")
     assert TrainConfig.from_dict(old["config"]).id_init == "random"
+    assert TrainConfig.from_dict(default["config"]).id_init == "pca" == TrainConfig(model="grasp").id_init
+    assert TrainConfig(model="id").id_init is None
 
 
 def test_compare_runs_errors(tmp_path):

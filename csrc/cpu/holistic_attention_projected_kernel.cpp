@@ -57,7 +57,15 @@ Sizes check_inputs(const at::Tensor& user, const at::Tensor& user_sim, const at:
     TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kLong,
                 "hae_gather (cpu): indices must be contiguous int64 CPU tensors");
   }
-  return {user.size(0), item.size(0), user_index.size(0), item.size(1), values.size(2)};
+  // The kernels index tables with these: a bad one would read or write outside them (O(N), next to the
+  // kernels' O(N (d + e)) work).
+  const int64_t N = user_index.size(0), U = user.size(0), M = item.size(0);
+  const int64_t *ui = user_index.const_data_ptr<int64_t>(), *ii = item_index.const_data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK(ui[n] >= 0 && ui[n] < U, "hae_gather (cpu): user_index[", n, "] = ", ui[n], " is outside 0..", U - 1);
+    TORCH_CHECK(ii[n] >= 0 && ii[n] < M, "hae_gather (cpu): item_index[", n, "] = ", ii[n], " is outside 0..", M - 1);
+  }
+  return {U, M, N, item.size(1), values.size(2)};
 }
 
 // Logits' scales: s1 -> z_self = s1 c1, s2 -> z_sim = s2 c1, s1 + s2 -> z_glob = (s1 + s2) c2.

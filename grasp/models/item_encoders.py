@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from grasp.nn import Adapter
 from grasp.ops import holistic_attention, holistic_attention_projected
+from grasp.ops.hae_projected import has_kernel
 
 __all__ = [
     "BRANCHES",
@@ -38,7 +39,8 @@ __all__ = [
 #: HAE output slices per branch, in units of d: self = [0:d], similar = [d:2d], global = [2d:4d].
 BRANCHES = {"self": (0, 1), "similar": (1, 2), "global": (2, 4)}
 
-#: Elements of one ``[B, chunk, 4d]`` block in :meth:`GraspEnhancer.score_all` (bounds its memory).
+#: Elements of one ``[B, chunk, 4d]`` (unfused) or ``[B, chunk, d]`` (fused) block in
+#: :meth:`GraspEnhancer.score_all` (bounds its memory).
 _CHUNK_ELEMENTS = 1 << 22
 
 
@@ -155,7 +157,7 @@ class GraspEnhancer(nn.Module):
     adapters, not here: the MLP runs once per position). Positions that are padding (0) or the mask token
     get a zero enhancement. With sigmoid gates the op and the MLP's first layer run fused, as
     :func:`grasp.ops.holistic_attention_projected` (the same function, the layer's projection applied once
-    per distinct item instead of once per position); ``backend="cuda"``, which that op lacks, runs them unfused.
+    per distinct item instead of once per position) where that op has a kernel (see :meth:`fused`).
 
     Ablations:
         branches: the subset of ``("self", "similar", "global")`` whose output slices (``[0:d]``,
@@ -264,7 +266,7 @@ class GraspEnhancer(nn.Module):
             i, i_sim = self.adapt_items(items)
             return self.combine(u, u_sim, i, i_sim, mask)
         rows, cols = mask.nonzero(as_tuple=True)
-        if self.fused:
+        if self.fused(items.device):
             (i, i_sim), inverse = _adapt_distinct(self.item_adapter, (self.item, self.item_sim), items[rows, cols])
             packed = self._fused(u, u_sim, i, i_sim, rows, inverse)
         else:
@@ -273,22 +275,23 @@ class GraspEnhancer(nn.Module):
         out = packed.new_zeros(*items.shape, self.d)
         return out.index_put((rows, cols), packed)
 
-    @property
-    def fused(self) -> bool:
+    def fused(self, device: torch.device) -> bool:
         """Whether the op and the MLP's first layer run as :func:`grasp.ops.holistic_attention_projected`:
-        with sigmoid gates, unless the ``cuda`` backend (which that op lacks; its GPU kernel is Triton) is
-        forced."""
-        return self.attention and self.activation == "sigmoid" and self.backend != "cuda"
+        with sigmoid gates, when that op has a kernel for ``device`` and the chosen backend (it has no CUDA
+        C++ one: ``--hae-backend cuda``, or a GPU without Triton, runs the unfused op's CUDA kernel)."""
+        return self.attention and self.activation == "sigmoid" and has_kernel(self.backend, device.type)
 
     def _fused(self, u: Tensor, u_sim: Tensor, i: Tensor, i_sim: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
         """The enhancement ``[N, d]`` of the pairs ``(u[rows[n]], i[cols[n]])`` of adapted users and items (a
         dropped branch is a zero block of the first layer's weight)."""
         first, rest = self.mlp[0], self.mlp[1:]
-        weight = first.weight
+        # Under autocast the adapters' outputs are in the autocast dtype; the layer's float32 parameters follow
+        # them, as nn.Linear's would.
+        weight, bias = first.weight.to(i.dtype), first.bias.to(i.dtype)
         if self.keep is not None:
             weight = weight.new_zeros(weight.shape[0], 4 * self.d).index_copy(1, self.keep, weight)
         hidden = holistic_attention_projected(
-            u, u_sim, i, i_sim, weight, first.bias, user_index=rows, item_index=cols, backend=self.backend
+            u, u_sim, i, i_sim, weight, bias, user_index=rows, item_index=cols, backend=self.backend
         )
         return rest(hidden)
 
@@ -304,11 +307,12 @@ class GraspEnhancer(nn.Module):
         row_lse = None
         if self.attention and self.activation == "softmax":
             row_lse = self._gate_logits(u @ i_all.T, u_sim @ i_sim_all.T).logsumexp(1)
-        chunk = max(1, _CHUNK_ELEMENTS // (batch * (1 if self.fused else 4) * self.d))
+        fused = self.fused(users.device)
+        chunk = max(1, _CHUNK_ELEMENTS // (batch * (1 if fused else 4) * self.d))
         scores = []
         for lo in range(0, self.num_items, chunk):
             i, i_sim = i_all[lo : lo + chunk], i_sim_all[lo : lo + chunk]
-            if self.fused:
+            if fused:
                 rows = torch.arange(batch, device=users.device).repeat_interleave(len(i))
                 cols = torch.arange(len(i), device=users.device).repeat(batch)
                 rep = self._fused(u, u_sim, i, i_sim, rows, cols).view(batch, len(i), self.d)

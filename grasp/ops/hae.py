@@ -18,8 +18,8 @@ from grasp.ops._hae_reference import holistic_attention_reference
 __all__ = ["holistic_attention", "holistic_attention_reference", "backend_reason", "AUTO_ORDER"]
 
 ACTIVATIONS = ("sigmoid", "softmax")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _KERNEL_MODULE = "grasp_kernels.holistic_attention"
 
 #: Preference order of ``backend=None`` per device type: compiled kernels first.
@@ -33,7 +33,7 @@ def backend_reason(backend: str, device_type: str, dtype: torch.dtype | None = N
     if backend in ("cpu", "cuda"):
         return _backends.extension_reason(backend, device_type, "hae_forward")
     if backend == "triton":
-        if dtype is not None and dtype not in _TRITON_DTYPES:
+        if dtype is not None and dtype not in TRITON_DTYPES:
             return f"the Triton kernels take float32, float16 and bfloat16, not {dtype}"
         return _backends.triton_reason(device_type, _KERNEL_MODULE)
     return f"{backend!r} is not a backend of holistic_attention"
@@ -52,7 +52,7 @@ def _check_inputs(user: Tensor, user_sim: Tensor, item: Tensor, item_sim: Tensor
     for name, t in named.items():
         if not isinstance(t, Tensor):
             raise TypeError(f"holistic_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(
                 f"holistic_attention: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}"
             )

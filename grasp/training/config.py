@@ -11,7 +11,7 @@ import argparse
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from grasp.models.build import ACTIVATIONS, BACKBONES, DEFAULT_BRANCHES, ID_INITS, MODELS
+from grasp.models.build import ACTIVATIONS, BACKBONES, DEFAULT_BRANCHES, DEFAULT_ID_INIT, ID_INITS, MODELS
 
 __all__ = [
     "TrainConfig",
@@ -35,7 +35,8 @@ class TrainConfig:
     Attributes:
         backbone, model: which :func:`grasp.models.build_model` to train.
         d, max_len, dropout, num_blocks, num_heads: backbone size.
-        hae_branches, activation, attention, hae_backend, id_init: GRASP options (``model="grasp"`` only).
+        hae_branches, activation, attention, hae_backend, id_init: GRASP options (``model="grasp"`` only;
+            ``id_init`` None becomes :data:`grasp.models.build.DEFAULT_ID_INIT` for GRASP).
         llmesr_alpha: LLM-ESR self-distillation weight (``model="llmesr"`` only).
         bert_negatives: BERT4Rec's loss (``backbone="bert4rec"`` only): ``"auto"`` (a 256-item sampled
             softmax for every model, so all models share one loss), ``"full"`` (cross-entropy over the
@@ -67,7 +68,7 @@ class TrainConfig:
     activation: str = "sigmoid"
     attention: bool = True
     hae_backend: str | None = None
-    id_init: str = "random"
+    id_init: str | None = None
     llmesr_alpha: float = 0.1
     bert_negatives: int | str = "auto"
     mask_prob: float = 0.2
@@ -87,6 +88,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.hae_branches = tuple(self.hae_branches)
+        if self.model == "grasp" and self.id_init is None:
+            self.id_init = DEFAULT_ID_INIT
         if isinstance(self.eval_negatives, str) and self.eval_negatives != "all":
             self.eval_negatives = parse_eval_negatives(self.eval_negatives)
         if isinstance(self.bert_negatives, str) and self.bert_negatives not in ("auto", "full"):
@@ -133,7 +136,7 @@ class TrainConfig:
             ]  # fmt: skip
             if changed:
                 raise ValueError(f"{', '.join(changed)} only apply to --model grasp, not --model {self.model}")
-        if self.id_init not in ID_INITS:
+        if self.id_init is not None and self.id_init not in ID_INITS:
             raise ValueError(f"--id-init must be one of {', '.join(ID_INITS)}, got {self.id_init!r}")
         if self.model != "llmesr" and self.llmesr_alpha != TrainConfig.llmesr_alpha:
             raise ValueError(f"--llmesr-alpha only applies to --model llmesr, not --model {self.model}")
@@ -166,11 +169,16 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """The inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
+        """The inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them.
+
+        A GRASP config written before ``id_init`` existed reads as ``"random"``, the only init then.
+        """
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown training config keys: {', '.join(unknown)}")
+        if data.get("model") == "grasp" and "id_init" not in data:
+            data = {**data, "id_init": "random"}
         return cls(**data)
 
     @classmethod
@@ -273,8 +281,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--id-init",
         choices=ID_INITS,
         default=c.id_init,
-        help="GRASP's ID embeddings: random (N(0, 1/d), like the plain backbone) or pca (the PCA of the LLM item "
-        "embeddings, like llminit) (grasp only; default: %(default)s)",
+        help=f"GRASP's ID embeddings: pca (the PCA of the LLM item embeddings, like llminit) or random (N(0, 1/d), "
+        f"like the plain backbone) (grasp only; default: {DEFAULT_ID_INIT})",
     )
     g.add_argument(
         "--llmesr-alpha",

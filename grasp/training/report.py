@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from grasp._io import write_bytes, write_json, write_text
+from grasp.models.build import DEFAULT_ID_INIT
 from grasp.training.metrics import GROUPS, KS
 
 __all__ = [
@@ -77,10 +78,13 @@ def _group_table(groups: dict[str, Any], sizes: dict[str, int] | None) -> str:
 
 
 def _model_label(config: dict[str, Any]) -> str:
-    """The model's name, with GRASP's ID initialisation when it is not the default random one."""
+    """The model's name; GRASP's ID initialisation is named when it is not the default (a config written
+    before the option existed was random)."""
     label = str(config.get("model", "?"))
+    if label != "grasp":
+        return label
     id_init = config.get("id_init", "random")
-    return label if id_init == "random" else f"{label} (id-init {id_init})"
+    return label if id_init == DEFAULT_ID_INIT else f"{label} (id-init {id_init})"
 
 
 def metrics_tables(metrics: dict[str, Any]) -> str:
