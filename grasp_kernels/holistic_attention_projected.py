@@ -102,6 +102,17 @@ def _pairs(user_index_ptr, item_index_ptr, user_ptr, user_sim_ptr, item_ptr, ite
     return offs_n, live, r, j, offs_d, ok_d, u, u_sim, i, i_sim, a_self, a_sim, a_glob
 
 
+@triton.jit
+def _values(values_ptr, j, live, E, BLOCK_E: tl.constexpr):
+    """Column offsets and mask of an e-wide tile, and the three value rows (self, similar, global) of items j."""
+    offs_e = tl.arange(0, BLOCK_E)
+    ok_e = live[:, None] & (offs_e < E)[None, :]
+    v_self = _gather(values_ptr, j * 3, E, offs_e, ok_e)
+    v_sim = _gather(values_ptr, j * 3 + 1, E, offs_e, ok_e)
+    v_glob = _gather(values_ptr, j * 3 + 2, E, offs_e, ok_e)
+    return offs_e, ok_e, v_self, v_sim, v_glob
+
+
 @_autotune
 @triton.jit
 def _fwd_kernel(
@@ -112,11 +123,7 @@ def _fwd_kernel(
         user_index_ptr, item_index_ptr, user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, N, D, scale, scale_glob,
         BLOCK_N, BLOCK_D,
     )
-    offs_e = tl.arange(0, BLOCK_E)
-    ok_e = live[:, None] & (offs_e < E)[None, :]
-    v_self = _gather(values_ptr, j * 3, E, offs_e, ok_e)
-    v_sim = _gather(values_ptr, j * 3 + 1, E, offs_e, ok_e)
-    v_glob = _gather(values_ptr, j * 3 + 2, E, offs_e, ok_e)
+    offs_e, ok_e, v_self, v_sim, v_glob = _values(values_ptr, j, live, E, BLOCK_E)
     out = a_self[:, None] * v_self + a_sim[:, None] * v_sim + a_glob[:, None] * v_glob
     out_offs = offs_n[:, None] * E + offs_e[None, :]
     tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=ok_e)
@@ -134,12 +141,8 @@ def _bwd_kernel(
         user_index_ptr, item_index_ptr, user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, N, D, scale, scale_glob,
         BLOCK_N, BLOCK_D,
     )
-    offs_e = tl.arange(0, BLOCK_E)
-    ok_e = live[:, None] & (offs_e < E)[None, :]
+    offs_e, ok_e, v_self, v_sim, v_glob = _values(values_ptr, j, live, E, BLOCK_E)
     g = _gather(grad_out_ptr, offs_n, E, offs_e, ok_e)
-    v_self = _gather(values_ptr, j * 3, E, offs_e, ok_e)
-    v_sim = _gather(values_ptr, j * 3 + 1, E, offs_e, ok_e)
-    v_glob = _gather(values_ptr, j * 3 + 2, E, offs_e, ok_e)
     dz_self = tl.sum(g * v_self, axis=1) * a_self * (1.0 - a_self)
     dz_sim = tl.sum(g * v_sim, axis=1) * a_sim * (1.0 - a_sim)
     dz_glob = tl.sum(g * v_glob, axis=1) * a_glob * (1.0 - a_glob)

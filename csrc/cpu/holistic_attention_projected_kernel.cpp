@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "vec_math.h"
+
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -19,19 +21,6 @@ namespace grasp {
 namespace {
 
 constexpr int64_t kGrain = 256;  // pairs per parallel task
-
-template <typename T, typename acc_t>
-inline acc_t dot(const T* a, const T* b, int64_t n) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t k = 0; k < n; ++k) s += static_cast<acc_t>(a[k]) * static_cast<acc_t>(b[k]);
-  return s;
-}
-
-template <typename acc_t>
-inline acc_t sigmoid(acc_t z) {
-  return acc_t(1) / (acc_t(1) + std::exp(-z));
-}
 
 struct Sizes {
   int64_t U, M, N, d, e;
