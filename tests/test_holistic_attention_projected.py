@@ -195,6 +195,14 @@ def test_non_contiguous_views(device, backend):
         torch.testing.assert_close(g, ge, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_many_pairs(backend):
+    """More pairs than one launch's warps / programs cover (grid-stride loops), in bfloat16 and float32."""
+    for dtype in (torch.bfloat16, torch.float32):
+        assert_matches_reference(backend, "cuda", dtype, (512, 3000, 300_000, 64, 64))
+
+
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
 def test_no_pairs(device, backend):
     tensors, ui, ii = make_inputs(2, 3, 0, 8, 5, dtype=torch.float32, device=device)
@@ -229,12 +237,13 @@ def test_expected_backends_are_present(monkeypatch):
     assert not hae_projected.backend_reason("triton", "cpu") or not interpreting()
     if torch.cuda.is_available():
         assert hae_projected._choose_backend(None, "cuda", torch.bfloat16) == "triton"
+        assert not hae_projected.backend_reason("cuda", "cuda"), hae_projected.backend_reason("cuda", "cuda")
 
 
-def test_cuda_backend_is_explained():
-    assert "no CUDA C++ kernel" in hae_projected.backend_reason("cuda", "cuda")
+def test_backend_for_another_device_is_explained():
+    assert "the cuda backend runs cuda tensors only" in hae_projected.backend_reason("cuda", "cpu")
     args, kwargs = _good()
-    with pytest.raises(RuntimeError, match="no CUDA C..? kernel"):
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available for cpu tensors"):
         op(*args, **kwargs, backend="cuda")
 
 

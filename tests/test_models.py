@@ -318,14 +318,14 @@ def test_grasp_backend_env_decides_whether_the_enhancer_fuses(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setenv("GRASP_BACKEND", "reference")
     assert net.encoder.enhancer.fused(cpu)
-    monkeypatch.setenv("GRASP_BACKEND", "cuda")  # no such kernel for the fused op: the unfused op (and its error)
+    monkeypatch.setenv("GRASP_BACKEND", "cuda")  # no fused kernel for CPU tensors: the unfused op (and its error)
     assert not net.encoder.enhancer.fused(cpu)
     users, seqs, _ = batch(length=8)
     with pytest.raises(RuntimeError, match="backend 'cuda' is not available for cpu tensors"):
         net.encoder.enhancer(users, seqs)
 
 
-def test_forced_cuda_backend_runs_the_unfused_op(monkeypatch):
+def test_backend_without_a_fused_kernel_runs_the_unfused_op(monkeypatch):
     calls = []
 
     def unfused(user, user_sim, item, item_sim, *, mask, activation, backend):

@@ -277,8 +277,8 @@ class GraspEnhancer(nn.Module):
 
     def fused(self, device: torch.device) -> bool:
         """Whether the op and the MLP's first layer run as :func:`grasp.ops.holistic_attention_projected`:
-        with sigmoid gates, when that op has a kernel for ``device`` and the chosen backend (it has no CUDA
-        C++ one: ``--hae-backend cuda``, or a GPU without Triton, runs the unfused op's CUDA kernel)."""
+        with sigmoid gates, when that op has a kernel (not only its reference) for ``device`` and the chosen
+        backend; otherwise the unfused op runs (on its own kernel where it has one)."""
         return self.attention and self.activation == "sigmoid" and has_kernel(self.backend, device.type)
 
     def _fused(self, u: Tensor, u_sim: Tensor, i: Tensor, i_sim: Tensor, rows: Tensor, cols: Tensor) -> Tensor:

@@ -12,8 +12,9 @@ the kernels only compute the two dot products and three gates of every pair and 
 vectors. Per pair that replaces a ``4d x e`` matrix product and a ``4d``-wide intermediate with ``O(d + e)``
 work. Sigmoid gates only: the softmax ablation couples the positions of a row and keeps the unfused op.
 
-Backends: ``reference`` (plain PyTorch, the ground truth), ``cpu`` (C++ in ``csrc/cpu/``), ``triton``
-(``grasp_kernels/holistic_attention_projected.py``; CUDA, or CPU under ``TRITON_INTERPRET=1``).
+Backends: ``reference`` (plain PyTorch, the ground truth), ``cpu`` (C++ in ``csrc/cpu/``), ``cuda`` (CUDA C++
+in ``csrc/cuda/``), ``triton`` (``grasp_kernels/holistic_attention_projected.py``; CUDA, or CPU under
+``TRITON_INTERPRET=1``). On a GPU the default is ``triton``, then ``cuda``.
 """
 
 from __future__ import annotations
@@ -41,17 +42,15 @@ _KERNEL_MODULE = "grasp_kernels.holistic_attention_projected"
 _NAME = "holistic_attention_projected"
 
 #: Preference order of ``backend=None`` per device type.
-AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")}
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 
 
 def backend_reason(backend: str, device_type: str, dtype: torch.dtype | None = None) -> str:
     """Why ``backend`` cannot run the op on ``device_type`` tensors of ``dtype`` ("" if it can)."""
     if backend == "reference":
         return ""
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):
         return _backends.extension_reason(backend, device_type, "hae_gather_forward")
-    if backend == "cuda":
-        return f"{_NAME} has no CUDA C++ kernel; its GPU kernel is the triton backend"
     if backend == "triton":
         if dtype is not None and dtype not in TRITON_DTYPES:
             return f"the Triton kernels take float32, float16 and bfloat16, not {dtype}"
@@ -201,9 +200,10 @@ def holistic_attention_projected(
         item, item_sim: ``[M, d]`` item table (e.g. the adapted distinct items of a batch).
         weight: ``[e, 4d]``, bias: ``[e]`` or None: the linear layer (``nn.Linear(4d, e)``'s parameters).
         user_index, item_index: int64 ``[N]``, the pairs.
-        backend: ``"reference"``, ``"cpu"`` or ``"triton"``; None picks the fastest available.
+        backend: ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``; None picks the first available of
+            :data:`AUTO_ORDER` for the device (``GRASP_BACKEND`` overrides that choice).
 
-    All float inputs share one dtype (float32, float16, bfloat16; float64 on ``reference`` and ``cpu``)
+    All float inputs share one dtype (float32, float16, bfloat16; float64 on all but ``triton``)
     and device. The kernels compute the gates and the mix in float32 (float64 for float64); for float16 and
     bfloat16 the projected values, the output and the bias addition are rounded to the input dtype (the
     accuracy tests hold them to 2x the error of the same-dtype PyTorch computation). Gradients reach every
