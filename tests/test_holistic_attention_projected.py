@@ -343,3 +343,17 @@ def test_triton_backward_autotuner_zeroes_its_accumulators():
         "grad_user_ptr", "grad_user_sim_ptr", "grad_item_ptr", "grad_item_sim_ptr", "grad_values_ptr"
     }  # fmt: skip
     assert not kernels._fwd_kernel.reset_to_zero
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+def test_kernel_ops_take_no_pairs(device, backend):
+    """The kernel ops themselves (the public function returns early for N = 0): empty output, zero gradients."""
+    (u, us, i, is_, w), ui, ii = make_inputs(2, 3, 0, 8, 5, dtype=torch.float32, device=device, bias=False,
+                                             requires_grad=False)  # fmt: skip
+    values = projected_values(i, is_, w)
+    forward = _op_for(backend)
+    ops = torch.ops.grasp
+    backward = ops.hae_gather_backward_triton if backend == "triton" else ops.hae_gather_backward
+    assert forward(u, us, i, is_, values, ui, ii).shape == (0, 5)
+    grads = backward(torch.zeros(0, 5, device=device), u, us, i, is_, values, ui, ii)
+    assert [g.shape for g in grads] == [t.shape for t in (u, us, i, is_, values)] and not any(g.any() for g in grads)
