@@ -57,31 +57,48 @@ Sizes check_inputs(const at::Tensor& user, const at::Tensor& user_sim, const at:
   return {U, M, N, item.size(1), values.size(2)};
 }
 
-// Logits' scales: s1 -> z_self = s1 c1, s2 -> z_sim = s2 c1, s1 + s2 -> z_glob = (s1 + s2) c2.
-template <typename acc_t>
-inline void gates_of(acc_t s1, acc_t s2, acc_t c1, acc_t c2, acc_t* g) {
-  g[0] = sigmoid(s1 * c1);
-  g[1] = sigmoid(s2 * c1);
-  g[2] = sigmoid((s1 + s2) * c2);
-}
+// The operator's inputs as raw pointers, with the sizes and the logits' scales
+// (s1 -> z_self = s1 c1, s2 -> z_sim = s2 c1, s1 + s2 -> z_glob = (s1 + s2) c2).
+template <typename T>
+struct Inputs {
+  using acc_t = at::opmath_type<T>;
+  const T *u, *us, *it, *is, *v;
+  const int64_t *ui, *ii;
+  Sizes s;
+  acc_t c1, c2;
+
+  Inputs(const at::Tensor& user, const at::Tensor& user_sim, const at::Tensor& item, const at::Tensor& item_sim,
+         const at::Tensor& values, const at::Tensor& user_index, const at::Tensor& item_index, const Sizes& sizes)
+      : u(user.const_data_ptr<T>()),
+        us(user_sim.const_data_ptr<T>()),
+        it(item.const_data_ptr<T>()),
+        is(item_sim.const_data_ptr<T>()),
+        v(values.const_data_ptr<T>()),
+        ui(user_index.const_data_ptr<int64_t>()),
+        ii(item_index.const_data_ptr<int64_t>()),
+        s(sizes),
+        c1(acc_t(1) / std::sqrt(acc_t(sizes.d))),
+        c2(acc_t(1) / std::sqrt(acc_t(2 * sizes.d))) {}
+
+  // The three gates of pair n into g.
+  void gates(int64_t n, acc_t* g) const {
+    const int64_t r = ui[n], j = ii[n], d = s.d;
+    const acc_t s1 = dot<T, acc_t>(u + r * d, it + j * d, d), s2 = dot<T, acc_t>(us + r * d, is + j * d, d);
+    g[0] = sigmoid(s1 * c1);
+    g[1] = sigmoid(s2 * c1);
+    g[2] = sigmoid((s1 + s2) * c2);
+  }
+};
 
 template <typename scalar_t>
-void forward_impl(const at::Tensor& user, const at::Tensor& user_sim, const at::Tensor& item,
-                  const at::Tensor& item_sim, const at::Tensor& values, const int64_t* ui, const int64_t* ii,
-                  const Sizes& s, scalar_t* out) {
+void forward_impl(const Inputs<scalar_t>& in, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t c1 = acc_t(1) / std::sqrt(acc_t(s.d)), c2 = acc_t(1) / std::sqrt(acc_t(2 * s.d));
-  const scalar_t *u = user.const_data_ptr<scalar_t>(), *us = user_sim.const_data_ptr<scalar_t>();
-  const scalar_t *it = item.const_data_ptr<scalar_t>(), *is = item_sim.const_data_ptr<scalar_t>();
-  const scalar_t* v = values.const_data_ptr<scalar_t>();
-  const int64_t d = s.d, e = s.e;
-  at::parallel_for(0, s.N, kGrain, [&](int64_t n0, int64_t n1) {
+  const int64_t e = in.s.e;
+  at::parallel_for(0, in.s.N, kGrain, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-      const int64_t r = ui[n], j = ii[n];
       acc_t g[3];
-      gates_of(dot<scalar_t, acc_t>(u + r * d, it + j * d, d), dot<scalar_t, acc_t>(us + r * d, is + j * d, d),
-               c1, c2, g);
-      const scalar_t* vj = v + j * 3 * e;
+      in.gates(n, g);
+      const scalar_t* vj = in.v + in.ii[n] * 3 * e;
       scalar_t* o = out + n * e;
 #pragma omp simd
       for (int64_t k = 0; k < e; ++k) {
@@ -104,24 +121,21 @@ void group_by(const int64_t* index, int64_t N, int64_t rows, std::vector<int64_t
 }
 
 template <typename scalar_t>
-void backward_impl(const scalar_t* go, const at::Tensor& user, const at::Tensor& user_sim, const at::Tensor& item,
-                   const at::Tensor& item_sim, const at::Tensor& values, const int64_t* ui, const int64_t* ii,
-                   const Sizes& s, scalar_t* gu, scalar_t* gus, scalar_t* gi, scalar_t* gis, scalar_t* gv) {
+void backward_impl(const scalar_t* go, const Inputs<scalar_t>& in, scalar_t* gu, scalar_t* gus, scalar_t* gi,
+                   scalar_t* gis, scalar_t* gv) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t c1 = acc_t(1) / std::sqrt(acc_t(s.d)), c2 = acc_t(1) / std::sqrt(acc_t(2 * s.d));
-  const scalar_t *u = user.const_data_ptr<scalar_t>(), *us = user_sim.const_data_ptr<scalar_t>();
-  const scalar_t *it = item.const_data_ptr<scalar_t>(), *is = item_sim.const_data_ptr<scalar_t>();
-  const scalar_t* v = values.const_data_ptr<scalar_t>();
+  const Sizes& s = in.s;
   const int64_t d = s.d, e = s.e;
+  const acc_t c1 = in.c1, c2 = in.c2;
+  const scalar_t *u = in.u, *us = in.us, *it = in.it, *is = in.is;
+  const int64_t *ui = in.ui, *ii = in.ii;
   // (1) per pair: gates g0..g2 and the logit-side gradients ds1, ds2.
   std::vector<acc_t> pair(5 * s.N);
   at::parallel_for(0, s.N, kGrain, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-      const int64_t r = ui[n], j = ii[n];
       acc_t* p = pair.data() + 5 * n;
-      gates_of(dot<scalar_t, acc_t>(u + r * d, it + j * d, d), dot<scalar_t, acc_t>(us + r * d, is + j * d, d),
-               c1, c2, p);
-      const scalar_t* vj = v + j * 3 * e;
+      in.gates(n, p);
+      const scalar_t* vj = in.v + ii[n] * 3 * e;
       const scalar_t* g = go + n * e;
       acc_t dz[3];
       for (int x = 0; x < 3; ++x) dz[x] = dot<scalar_t, acc_t>(g, vj + x * e, e) * p[x] * (acc_t(1) - p[x]);
@@ -193,8 +207,8 @@ at::Tensor hae_gather_forward_cpu(const at::Tensor& user, const at::Tensor& user
   const Sizes s = check_inputs(user, user_sim, item, item_sim, values, user_index, item_index);
   at::Tensor out = at::empty({s.N, s.e}, item.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, item.scalar_type(), "hae_gather_forward_cpu", [&] {
-    forward_impl<scalar_t>(user, user_sim, item, item_sim, values, user_index.const_data_ptr<int64_t>(),
-                           item_index.const_data_ptr<int64_t>(), s, out.data_ptr<scalar_t>());
+    forward_impl<scalar_t>(Inputs<scalar_t>(user, user_sim, item, item_sim, values, user_index, item_index, s),
+                           out.data_ptr<scalar_t>());
   });
   return out;
 }
@@ -210,8 +224,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hae_gathe
   at::Tensor gu = at::empty_like(user), gus = at::empty_like(user_sim);
   at::Tensor gi = at::empty_like(item), gis = at::empty_like(item_sim), gv = at::empty_like(values);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, item.scalar_type(), "hae_gather_backward_cpu", [&] {
-    backward_impl<scalar_t>(grad_out.const_data_ptr<scalar_t>(), user, user_sim, item, item_sim, values,
-                            user_index.const_data_ptr<int64_t>(), item_index.const_data_ptr<int64_t>(), s,
+    backward_impl<scalar_t>(grad_out.const_data_ptr<scalar_t>(),
+                            Inputs<scalar_t>(user, user_sim, item, item_sim, values, user_index, item_index, s),
                             gu.data_ptr<scalar_t>(), gus.data_ptr<scalar_t>(), gi.data_ptr<scalar_t>(),
                             gis.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>());
   });

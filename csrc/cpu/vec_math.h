@@ -5,6 +5,8 @@
 #include <cstdint>
 
 namespace grasp {
+// Internal linkage: every kernel file gets its own copy (the CPU and CUDA helpers share names).
+namespace {
 
 // sum_k a[k] * b[k], accumulated in acc_t (at::opmath_type of T: float for half/bfloat16/float, double for double).
 template <typename T, typename acc_t>
@@ -20,4 +22,5 @@ inline acc_t sigmoid(acc_t z) {
   return acc_t(1) / (acc_t(1) + std::exp(-z));
 }
 
+}  // namespace
 }  // namespace grasp

@@ -19,6 +19,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "device_math.cuh"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -29,15 +31,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / 32;
-constexpr unsigned kFullMask = 0xffffffffu;
-
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t sigmoid(acc_t z) {
-  return acc_t(1) / (acc_t(1) + exp_acc(-z));
-}
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t x) {
