@@ -19,6 +19,7 @@ whole of d (BLOCK_D = next_power_of_2(d)) and of e (BLOCK_E); everything is accu
 
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -167,6 +168,16 @@ def _launch_args(item: Tensor, values: Tensor, user_index: Tensor) -> dict:
                 BLOCK_D=triton.next_power_of_2(D), BLOCK_E=triton.next_power_of_2(E))
 
 
+def _alert_not_deterministic() -> None:
+    """What torch's own atomics-based kernels do under ``torch.use_deterministic_algorithms(True)``."""
+    if torch.are_deterministic_algorithms_enabled():
+        message = ("hae_gather_backward_triton accumulates with atomic adds and is not deterministic; "
+                   "the GRASP enhancer runs the unfused holistic_attention instead in this mode")  # fmt: skip
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError(message)
+        warnings.warn(message, stacklevel=3)
+
+
 def _grid(meta):
     return (triton.cdiv(meta["N"], meta["BLOCK_N"]),)
 
@@ -194,6 +205,7 @@ def hae_gather_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(user, user_sim, item, item_sim, values)`` of :func:`hae_gather_forward`, each in its
     input's shape and dtype; ``grad_out`` is the contiguous ``[N, e]`` gradient of the output."""
+    _alert_not_deterministic()
     args = _launch_args(item, values, user_index)
     inputs = (user, user_sim, item, item_sim, values)
     grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in inputs]

@@ -357,3 +357,24 @@ def test_kernel_ops_take_no_pairs(device, backend):
     assert forward(u, us, i, is_, values, ui, ii).shape == (0, 5)
     grads = backward(torch.zeros(0, 5, device=device), u, us, i, is_, values, ui, ii)
     assert [g.shape for g in grads] == [t.shape for t in (u, us, i, is_, values)] and not any(g.any() for g in grads)
+
+
+def test_triton_backward_refuses_deterministic_mode():
+    """Its atomic adds are order-dependent: like torch's own such kernels, it errors (or warns) in deterministic
+    mode, and has_kernel sends the GRASP enhancer to the deterministic unfused op on a GPU."""
+    if hae_projected.backend_reason("triton", "cpu") and not torch.cuda.is_available():
+        pytest.skip(hae_projected.backend_reason("triton", "cpu"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tensors, ui, ii = make_inputs(2, 3, 7, 8, 5, dtype=torch.float32, device=device)
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert not hae_projected.has_kernel(None, "cuda") and hae_projected.has_kernel(None, "cpu")
+        out = call("triton", ui, ii)(*tensors)
+        with pytest.raises(RuntimeError, match="not deterministic"):
+            out.sum().backward()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="not deterministic"):
+            call("triton", ui, ii)(*tensors).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)

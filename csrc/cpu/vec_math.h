@@ -1,5 +1,6 @@
 // Small inline helpers shared by the CPU kernels: a SIMD dot product with a wider accumulator, and the sigmoid.
 #pragma once
+// Never include it together with device_math.cuh: both define grasp::sigmoid.
 
 #include <cmath>
 #include <cstdint>

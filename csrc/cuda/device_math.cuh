@@ -1,5 +1,6 @@
 // Device helpers shared by the CUDA kernels: exp and sigmoid in the accumulator type, the full warp mask.
 #pragma once
+// Never include it together with vec_math.h: both define grasp::sigmoid.
 
 #include <cmath>
 

@@ -10,7 +10,7 @@
 // double for double). The backward recomputes the gates and scatters each pair's contributions into
 // accumulator-type buffers with atomicAdd (several pairs share a user or an item row), which are cast to
 // the inputs' dtype afterwards; the order of the atomic adds varies, so it is not bitwise deterministic.
-// Indices are validated by the Python wrapper; the kernels assert them too.
+// Indices are validated by the Python wrapper; the kernels assert them too. Double atomicAdd needs sm_60+.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -209,6 +209,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hae_gathe
     const at::Tensor& grad_out, const at::Tensor& user, const at::Tensor& user_sim, const at::Tensor& item,
     const at::Tensor& item_sim, const at::Tensor& values, const at::Tensor& user_index,
     const at::Tensor& item_index) {
+  // The atomic adds make the result depend on their order (torch.use_deterministic_algorithms refuses it).
+  at::globalContext().alertNotDeterministic("hae_gather_backward_cuda");
   check_inputs(user, user_sim, item, item_sim, values, user_index, item_index);
   const int64_t N = user_index.size(0), d = item.size(1), e = values.size(2);
   TORCH_CHECK(grad_out.device() == item.device() && grad_out.scalar_type() == item.scalar_type() &&

@@ -66,8 +66,11 @@ def _choose_backend(requested: str | None, device_type: str, dtype: torch.dtype)
 @torch.compiler.assume_constant_result
 def has_kernel(requested: str | None, device_type: str) -> bool:
     """Whether the op runs on a kernel here: the ``requested`` backend (else ``GRASP_BACKEND``) if one is
-    forced and available, else any available non-reference backend. Callers with an unfused alternative
-    (the GRASP enhancer) use it to choose between the two."""
+    forced and available, else any available non-reference backend. On a GPU under
+    ``torch.use_deterministic_algorithms(True)`` it has none (its GPU backwards use atomic adds). Callers
+    with an unfused alternative (the GRASP enhancer) use it to choose between the two."""
+    if device_type != "cpu" and torch.are_deterministic_algorithms_enabled():
+        return False
     name = requested if requested is not None else (os.environ.get("GRASP_BACKEND") or None)
     if name is not None:
         return not backend_reason(name, device_type)
