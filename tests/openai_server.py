@@ -56,7 +56,9 @@ class FakeOpenAIServer:
     Attributes:
         counts: requests that reached the server per prompt (chat) or input text (embeddings).
         headers: the headers of every POST, in arrival order.
-        batch_sizes: the number of inputs of every embeddings request.
+        batch_sizes: the number of inputs of every embeddings request, in arrival order.
+        batches: the inputs of every embeddings request, in arrival order (concurrent requests arrive in any
+            order).
         delay: seconds every answer waits (to slow a run down).
         max_in_flight: the most POSTs handled at once.
     """
@@ -68,6 +70,7 @@ class FakeOpenAIServer:
         self.counts: Counter[str] = Counter()
         self.headers: list[dict[str, str]] = []
         self.batch_sizes: list[int] = []
+        self.batches: list[list[str]] = []
         self.requests = 0
         self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
@@ -121,6 +124,7 @@ class FakeOpenAIServer:
             prompts = [body["input"]] if isinstance(body["input"], str) else list(body["input"])
             with self.lock:
                 self.batch_sizes.append(len(prompts))
+                self.batches.append(prompts)
         else:
             return 404, {}, json.dumps({"error": {"message": f"no route {path}"}}).encode()
         fault = self._record(headers, prompts)

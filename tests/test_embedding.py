@@ -116,7 +116,8 @@ def test_openai_char_budget(server, key):
     long = "long " * 30
     vectors = _encoder(server, None, batch_size=8, max_batch_chars=70).encode([*texts, long], progress=False)
     np.testing.assert_allclose(vectors, _expected([*texts, long]), rtol=1e-6)
-    assert max(server.batch_sizes) == 2 and server.batch_sizes[-1] == 1 and sum(server.batch_sizes) == 10
+    # The long text goes alone (its own request); requests run concurrently, so they arrive in any order.
+    assert max(server.batch_sizes) == 2 and [long] in server.batches and sum(server.batch_sizes) == 10
 
 
 @pytest.mark.parametrize("fault", ["429", "500", "slow", "malformed", "empty_choices", "empty_content", "nan"])
