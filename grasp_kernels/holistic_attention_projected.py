@@ -59,20 +59,12 @@ def _prune_configs(configs, named_args, **kwargs):
     return fitting or [min(configs, key=per_thread)]
 
 
-_autotune = triton.autotune(
-    configs=_CONFIGS,
-    key=["D", "E"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-)
+_TUNING = dict(configs=_CONFIGS, key=["D", "E"], prune_configs_by={"early_config_prune": _prune_configs})
+_autotune = triton.autotune(**_TUNING)
 # The backward accumulates into zeroed buffers: every config the tuner benchmarks must start from zeros again,
 # or the benchmark launches' sums would be added to the real one's.
 _GRAD_BUFFERS = ["grad_user_ptr", "grad_user_sim_ptr", "grad_item_ptr", "grad_item_sim_ptr", "grad_values_ptr"]
-_autotune_accumulating = triton.autotune(
-    configs=_CONFIGS,
-    key=["D", "E"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-    reset_to_zero=_GRAD_BUFFERS,
-)
+_autotune_accumulating = triton.autotune(**_TUNING, reset_to_zero=_GRAD_BUFFERS)
 
 
 @triton.jit
