@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Errors that describe a problem with the user's input or environment: one line, no traceback."""
+    from grasp.data.core import DataError
     from grasp.data.download import DownloadError
-    from grasp.data.loaders import DataError
     from grasp.embedding.encoders import EmbeddingError
     from grasp.pipeline.stages import StageError
     from grasp.training.checkpoint import CheckpointError

@@ -268,6 +268,28 @@ def test_synthetic_is_deterministic():
     assert not (len(a) == len(c) and np.array_equal(a.items, c.items))
 
 
+#: sha256 of ``synthetic(seed=0)``'s interactions and texts (see _synthetic_digest): the quick start's data.
+SYNTHETIC_SEED0_SHA256 = "3da168e46a489934df02cd92e9985075d3658f2d995f94a45fb8230300e1315f"
+
+
+def _synthetic_digest(raw) -> str:
+    digest = hashlib.sha256()
+    interactions = [raw.name, raw.domain, list(raw.users), list(raw.items), raw.timestamps.tolist()]
+    digest.update(json.dumps(interactions).encode())
+    digest.update(json.dumps([raw.item_attributes, raw.user_attributes], sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def test_synthetic_seed0_is_pinned_and_its_tables_ship_as_package_data():
+    from importlib import resources
+
+    from grasp.data.synthetic import SYNTHETIC_TOPICS, TABLES_FILE
+
+    tables = json.loads(resources.files("grasp.data").joinpath(TABLES_FILE).read_text(encoding="utf-8"))
+    assert len(tables["topics"]) == SYNTHETIC_TOPICS == 16
+    assert _synthetic_digest(synthetic(seed=0)) == SYNTHETIC_SEED0_SHA256
+
+
 def test_synthetic_sanity_and_signal():
     start = time.perf_counter()
     raw = synthetic()

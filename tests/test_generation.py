@@ -353,6 +353,17 @@ def test_failures_recorded_then_resumed(server, key, tmp_path):
     assert resumed.failures == {} and server.requests == before + 2 and resumed.stats["cached"] == 6
 
 
+def test_one_retry_budget_covers_client_and_malformed_retries(server, key):
+    """A malformed answer (retried by grasp) then HTTP 500s (retried by the openai client) share max_retries."""
+    prompts = _prompts(_rng(), 3)
+    server.faults_by_prompt[prompts[1]] = ["malformed"] + ["500"] * (MAX_RETRIES + 1)
+    result = _generator(server, None).generate(prompts, progress=False)
+    assert set(result.failures) == {1} and "HTTP 500" in result.failures[1]
+    assert f"after {MAX_RETRIES} retries" in result.failures[1]
+    assert server.counts[prompts[1]] == MAX_RETRIES + 1
+    assert result.stats["retries"] == MAX_RETRIES and result.stats["requests"] == len(prompts) + MAX_RETRIES
+
+
 def test_key_never_leaks(server, key, tmp_path, caplog, capfd, monkeypatch):
     for name in ("", "openai", "httpx", "httpx2", "httpcore", "httpcore2", "grasp"):
         caplog.set_level(logging.DEBUG, logger=name or None)

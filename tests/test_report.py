@@ -116,19 +116,15 @@ def test_compare_runs_single_seeds_and_plot(tmp_path):
     assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_grasp_id_init_is_named_and_old_configs_read_as_random(tmp_path):
+def test_grasp_id_init_is_named_when_not_the_default(tmp_path):
     random_init = _fake_metrics(42)
     random_init["config"]["id_init"] = "random"
-    old = _fake_metrics(42)
-    del old["config"]["id_init"]  # a run directory written before --id-init existed: random was the only init
     default = _fake_metrics(42)
-    runs = [_write_run(tmp_path / name, m) for name, m in (("random", random_init), ("old", old), ("pca", default))]
+    runs = [_write_run(tmp_path / name, m) for name, m in (("random", random_init), ("pca", default))]
     lines = compare_runs(runs).strip().splitlines()
     assert lines[2].startswith("| random | grasp (id-init random) | sasrec |")
-    assert lines[3].startswith("| old | grasp (id-init random) | sasrec |")
-    assert lines[4].startswith("| pca | grasp | sasrec |")
+    assert lines[3].startswith("| pca | grasp | sasrec |")
     assert metrics_tables(random_init).startswith("# sasrec / grasp (id-init random) on toy")
-    assert TrainConfig.from_dict(old["config"]).id_init == "random"
     assert TrainConfig.from_dict(default["config"]).id_init == "pca" == TrainConfig(model="grasp").id_init
     assert TrainConfig(model="id").id_init is None
 

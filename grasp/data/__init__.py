@@ -1,6 +1,7 @@
-"""Datasets of grasp: loaders for raw logs and text attributes, and preprocessing (DESIGN.md section 6)."""
+"""Datasets of grasp: loaders for raw logs and text attributes, and preprocessing (docs/design.md section 7)."""
 
-from grasp.data.loaders import RECBOLE_TYPES, DataError, RawDataset, load_movielens, load_recbole
+from grasp.data.core import DataError, RawDataset
+from grasp.data.loaders import RECBOLE_TYPES, load_movielens, load_recbole
 from grasp.data.preprocess import Dataset, head_threshold, preprocess, statistics, statistics_table
 
 __all__ = [

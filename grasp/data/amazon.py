@@ -1,4 +1,4 @@
-"""Loader for the raw McAuley Amazon review dumps, 2014 and 2018 releases (DESIGN.md section 6).
+"""Loader for the raw McAuley Amazon review dumps, 2014 and 2018 releases.
 
 * Reviews: one JSON object per line (``reviews_<Category>[_5].json[.gz]`` in 2014,
   ``<Category>[_5].json[.gz]`` in 2018) with ``reviewerID``, ``asin`` and ``unixReviewTime``; other
@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from grasp.data.loaders import DataError, RawDataset, _timestamp
+from grasp.data.core import DataError, RawDataset
+from grasp.data.loaders import _timestamp
 
 __all__ = ["load_amazon", "amazon_category"]
 

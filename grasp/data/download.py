@@ -1,4 +1,4 @@
-"""Download of the MovieLens archives into a local cache, verified by SHA-256 (DESIGN.md section 6).
+"""Download of the MovieLens archives into a local cache, verified by SHA-256.
 
 Layout of the cache (``$GRASP_CACHE``, else ``~/.cache/grasp``)::
 
@@ -25,7 +25,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from grasp._io import sha256_file
-from grasp.data.loaders import DataError
+from grasp.data.core import DataError
 
 __all__ = ["MOVIELENS_URL", "MOVIELENS_SHA256", "DownloadError", "default_cache_dir", "fetch_movielens"]
 

@@ -1,4 +1,4 @@
-"""Preprocessing of a :class:`~grasp.data.loaders.RawDataset` (DESIGN.md section 6).
+"""Preprocessing of a :class:`~grasp.data.core.RawDataset` (docs/design.md section 7).
 
 :func:`preprocess` orders each user's interactions by time (stable on ties, so equal timestamps keep
 the file order), applies an iterative k-core filter and a minimum history length, remaps users and
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from grasp.data.loaders import RawDataset
+from grasp.data.core import RawDataset
 
 __all__ = ["Dataset", "preprocess", "statistics", "statistics_table", "head_threshold"]
 
@@ -108,7 +108,7 @@ def _core_filter(users: np.ndarray, items: np.ndarray, min_user: int, min_item: 
 def preprocess(
     raw: RawDataset, *, k_core: int = 0, min_user_interactions: int = 3, head_fraction: float = 0.2
 ) -> Dataset:
-    """Filter, remap, split and mark head / tail, as DESIGN.md section 6 describes.
+    """Filter, remap, split and mark head / tail, as docs/design.md section 7 describes.
 
     Args:
         raw: the loaded dataset.

@@ -26,8 +26,9 @@ import warnings
 from pathlib import Path
 
 from grasp.data.amazon import amazon_category, load_amazon
+from grasp.data.core import RawDataset
 from grasp.data.download import MOVIELENS_SHA256, fetch_movielens
-from grasp.data.loaders import RawDataset, load_movielens, load_recbole
+from grasp.data.loaders import load_movielens, load_recbole
 from grasp.data.synthetic import synthetic
 from grasp.data.table import load_table
 

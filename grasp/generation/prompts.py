@@ -1,4 +1,4 @@
-"""Paper-style prompts for items and users (DESIGN.md section 1, step 1).
+"""Paper-style prompts for items and users (docs/design.md section 1, stage 2).
 
 A template is a sequence of *pieces* (usually one sentence each) with named placeholders such as
 ``{attributes}``. When any placeholder of a piece other than ``{domain}`` is empty, the whole piece is left

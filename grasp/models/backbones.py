@@ -1,4 +1,4 @@
-"""Sequence encoders: SASRec, BERT4Rec and GRU4Rec (DESIGN.md section 5).
+"""Sequence encoders: SASRec, BERT4Rec and GRU4Rec (docs/design.md section 6).
 
 Every backbone maps the item representations of a left-padded window to one hidden state per position::
 

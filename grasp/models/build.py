@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "build_model",
+    "check_model_options",
     "BACKBONES",
     "MODELS",
     "DEFAULT_BRANCHES",
@@ -105,33 +107,14 @@ def build_model(
             missing tables or a table whose shape does not match ``num_users`` / ``num_items``, flags that do
             not apply to the model or do not go together.
     """
-    if backbone not in BACKBONES:
-        raise ValueError(f"backbone: unknown {backbone!r}; valid: {', '.join(BACKBONES)}")
-    if model not in MODELS:
-        raise ValueError(f"model: unknown {model!r}; valid: {', '.join(MODELS)}")
-    sizes = {"num_users": num_users, "num_items": num_items, "d": d, "max_len": max_len}
-    sizes |= {"num_blocks": num_blocks, "num_heads": num_heads}
-    for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if backbone != "gru4rec" and d % num_heads:
-        raise ValueError(f"d ({d}) must be divisible by num_heads ({num_heads})")
-    if not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    if not 0 < mask_prob <= 1:
-        raise ValueError(f"mask_prob must be in (0, 1], got {mask_prob!r}")
-    if not (math.isfinite(llmesr_alpha) and llmesr_alpha >= 0):
-        raise ValueError(f"llmesr_alpha must be a finite number >= 0, got {llmesr_alpha!r}")
-    negatives = _bert_negatives(bert_negatives)
-    branches = _check_hae_flags(model, hae_branches, activation, attention)
-    if id_init is not None and id_init not in ID_INITS:
-        raise ValueError(f"id_init: unknown {id_init!r}; valid: {', '.join(ID_INITS)}")
-    if model != "grasp" and id_init is not None:
-        raise ValueError(
-            f"id_init applies to model 'grasp' only, not {model!r} (id is random, llminit and llmesr use pca)"
-        )
-    if model != "llmesr" and llmesr_alpha != 0.1:
-        raise ValueError(f"llmesr_alpha applies to model 'llmesr' only, not {model!r}")
+    for name, value in (("num_users", num_users), ("num_items", num_items)):
+        _check_positive_int(name, value)
+    check_model_options(
+        backbone, model, d=d, max_len=max_len, dropout=dropout, num_blocks=num_blocks, num_heads=num_heads,
+        hae_branches=hae_branches, activation=activation, attention=attention, hae_backend=hae_backend,
+        id_init=id_init, llmesr_alpha=llmesr_alpha, mask_prob=mask_prob, bert_negatives=bert_negatives,
+    )  # fmt: skip
+    _check_combinations(model, tuple(hae_branches), activation, attention, id_init, llmesr_alpha)
     if model != "id":
         _check_tables(tables, _NEEDS[model], num_users, num_items)
 
@@ -147,7 +130,7 @@ def build_model(
             tables.item_sim,
             d,
             dropout=dropout,
-            branches=branches,
+            branches=tuple(hae_branches),
             activation=activation,
             attention=attention,
             backend=hae_backend,
@@ -172,37 +155,72 @@ def build_model(
         num_items=num_items,
         max_len=max_len,
         mask_prob=mask_prob,
-        bert_negatives=negatives,
+        bert_negatives=_bert_negatives(bert_negatives),
         distillation=distillation,
     )
 
 
-def _bert_negatives(value: int | str) -> int | None:
-    if value == "auto":
-        return AUTO_BERT_NEGATIVES
-    if value == "full":
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"bert_negatives must be 'auto', 'full' or a positive int, got {value!r}")
-    return value
+def check_model_options(
+    backbone: str,
+    model: str,
+    *,
+    d: int,
+    max_len: int,
+    dropout: float,
+    num_blocks: int,
+    num_heads: int,
+    hae_branches: tuple[str, ...],
+    activation: str,
+    attention: bool,
+    hae_backend: str | None,
+    id_init: str | None,
+    llmesr_alpha: float,
+    mask_prob: float,
+    bert_negatives: int | str,
+    name: Callable[[str], str] = str,
+) -> None:
+    """Check each option of :func:`build_model` on its own (not the data sizes and tables, nor which options
+    apply to which model and go together: :func:`build_model` checks those).
+
+    Args:
+        backbone, model, d, ..., bert_negatives: as for :func:`build_model`, all given.
+        name: how a message names an argument (``str``: its Python name; the training config passes its
+            command-line flag).
+
+    Raises:
+        ValueError: the first bad option, named with ``name``.
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"{name('backbone')}: unknown {backbone!r}; valid: {', '.join(BACKBONES)}")
+    if model not in MODELS:
+        raise ValueError(f"{name('model')}: unknown {model!r}; valid: {', '.join(MODELS)}")
+    for argument, value in (("d", d), ("max_len", max_len), ("num_blocks", num_blocks), ("num_heads", num_heads)):
+        _check_positive_int(name(argument), value)
+    if backbone != "gru4rec" and d % num_heads:
+        raise ValueError(f"{name('d')} ({d}) must be divisible by {name('num_heads')} ({num_heads})")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"{name('dropout')} must be in [0, 1), got {dropout!r}")
+    if not 0 < mask_prob <= 1:
+        raise ValueError(f"{name('mask_prob')} must be in (0, 1], got {mask_prob!r}")
+    if not (math.isfinite(llmesr_alpha) and llmesr_alpha >= 0):
+        raise ValueError(f"{name('llmesr_alpha')} must be a finite number >= 0, got {llmesr_alpha!r}")
+    if bert_negatives not in ("auto", "full") and (
+        isinstance(bert_negatives, bool) or not isinstance(bert_negatives, int) or bert_negatives < 1
+    ):
+        raise ValueError(f"{name('bert_negatives')} must be 'auto', 'full' or a positive int, got {bert_negatives!r}")
+    _check_hae_values(hae_branches, activation, attention, name)
+    if hae_backend is not None and not isinstance(hae_backend, str):
+        raise ValueError(f"{name('hae_backend')} must be a backend name or None, got {hae_backend!r}")
+    if id_init is not None and id_init not in ID_INITS:
+        raise ValueError(f"{name('id_init')}: unknown {id_init!r}; valid: {', '.join(ID_INITS)}")
 
 
-def _check_hae_flags(model: str, hae_branches: tuple[str, ...], activation: str, attention: bool) -> tuple[str, ...]:
-    if isinstance(hae_branches, str):
-        raise ValueError(f"hae_branches must be a sequence of branch names, got the string {hae_branches!r}")
-    branches = tuple(hae_branches)
-    if not branches:
-        raise ValueError(f"hae_branches must name at least one of {', '.join(BRANCHES)}")
-    unknown = [b for b in branches if b not in BRANCHES]
-    if unknown:
-        raise ValueError(f"hae_branches: unknown {', '.join(map(repr, unknown))}; valid: {', '.join(BRANCHES)}")
-    if len(set(branches)) != len(branches):
-        raise ValueError(f"hae_branches has duplicates: {branches}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: unknown {activation!r}; valid: {', '.join(ACTIVATIONS)}")
-    if not isinstance(attention, bool):
-        raise ValueError(f"attention must be True or False, got {attention!r}")
-    all_branches = set(branches) == set(DEFAULT_BRANCHES)
+def _check_combinations(
+    model: str, hae_branches: tuple[str, ...], activation: str, attention: bool, id_init: str | None,
+    llmesr_alpha: float,
+) -> None:
+    """Refuse options that do not apply to ``model`` or do not go together (the options are valid alone)."""
+    all_branches = set(hae_branches) == set(DEFAULT_BRANCHES)
     if model != "grasp" and not (all_branches and activation == "sigmoid" and attention):
         raise ValueError(
             f"hae_branches / activation / attention are GRASP enhancer ablations; model {model!r} has no enhancer"
@@ -211,7 +229,45 @@ def _check_hae_flags(model: str, hae_branches: tuple[str, ...], activation: str,
         raise ValueError("incompatible flags: attention=False (--no-attention) has no gates, so no activation")
     if not attention and not all_branches:
         raise ValueError("incompatible flags: attention=False (--no-attention) uses all inputs; drop hae_branches")
-    return branches
+    if model != "grasp" and id_init is not None:
+        raise ValueError(
+            f"id_init applies to model 'grasp' only, not {model!r} (id is random, llminit and llmesr use pca)"
+        )
+    if model != "llmesr" and llmesr_alpha != 0.1:
+        raise ValueError(f"llmesr_alpha applies to model 'llmesr' only, not {model!r}")
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _bert_negatives(value: int | str) -> int | None:
+    """The sample size of BERT4Rec's sampled softmax (None: the full softmax) for a checked ``bert_negatives``."""
+    if value == "auto":
+        return AUTO_BERT_NEGATIVES
+    return None if value == "full" else int(value)
+
+
+def _check_hae_values(
+    hae_branches: tuple[str, ...], activation: str, attention: bool, name: Callable[[str], str]
+) -> None:
+    if isinstance(hae_branches, str):
+        raise ValueError(f"{name('hae_branches')} must be a sequence of branch names, got the string {hae_branches!r}")
+    branches = tuple(hae_branches)
+    if not branches:
+        raise ValueError(f"{name('hae_branches')} must name at least one of {', '.join(BRANCHES)}")
+    unknown = [b for b in branches if b not in BRANCHES]
+    if unknown:
+        raise ValueError(
+            f"{name('hae_branches')}: unknown {', '.join(map(repr, unknown))}; valid: {', '.join(BRANCHES)}"
+        )
+    if len(set(branches)) != len(branches):
+        raise ValueError(f"{name('hae_branches')} has duplicates: {branches}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{name('activation')}: unknown {activation!r}; valid: {', '.join(ACTIVATIONS)}")
+    if not isinstance(attention, bool):
+        raise ValueError(f"{name('attention')} must be True or False, got {attention!r}")
 
 
 def _check_tables(tables: Tables | None, needed: tuple[str, ...], num_users: int, num_items: int) -> None:

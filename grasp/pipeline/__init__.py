@@ -1,4 +1,4 @@
-"""The offline half of GRASP in one run directory: prepare, generate, embed, retrieve (DESIGN.md section 1)."""
+"""The offline half of GRASP in one run directory: prepare, generate, embed, retrieve (docs/design.md section 1)."""
 
 from grasp.pipeline.manifest import Manifest, stage_key
 from grasp.pipeline.stages import STAGES, StageError, embed, generate, load_texts, prepare, retrieve

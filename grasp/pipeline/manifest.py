@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from grasp._io import sha256_file, write_json
-from grasp.data.loaders import DataError
+from grasp.data.core import DataError
 
 __all__ = ["Manifest", "stage_key"]
 

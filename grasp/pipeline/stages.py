@@ -1,4 +1,4 @@
-"""The four offline stages of GRASP, each writing into one run directory (DESIGN.md sections 1, 3 and 6).
+"""The four offline stages of GRASP, each writing into one run directory (docs/design.md sections 1, 4 and 7).
 
 ``prepare``  raw logs -> ``data/`` (filtered, remapped, split dataset; statistics table)
 ``generate`` dataset -> ``texts/`` (a prompt and a description for every item and user)
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from grasp._io import save_npy, sha256_file, write_json, write_text
-from grasp.data.loaders import DataError, RawDataset
+from grasp.data.core import DataError, RawDataset
 from grasp.data.preprocess import Dataset, preprocess, statistics, statistics_table
 from grasp.data.store import load_dataset, save_dataset
 from grasp.pipeline.manifest import Manifest, stage_key

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grasp.data.loaders import DataError
+from grasp.data.core import DataError
 
 __all__ = ["Tables", "TABLE_FILES", "check_embeddings"]
 

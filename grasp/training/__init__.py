@@ -1,4 +1,4 @@
-"""Training and evaluation of the recommenders (DESIGN.md sections 5 and 6).
+"""Training and evaluation of the recommenders (docs/design.md sections 6 to 8).
 
 :func:`train` runs one model in one run directory (early stopping, checkpoints, resume, DDP under
 torchrun); :func:`evaluate_run` re-evaluates a finished run; :mod:`grasp.training.report` aggregates seeds

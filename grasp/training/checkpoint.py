@@ -42,33 +42,21 @@ def save_weights(path: str | Path, model: torch.nn.Module, metadata: dict[str, s
 def load_weights(path: str | Path, model: torch.nn.Module) -> dict[str, str]:
     """Load safetensors weights into ``model`` (on the model's devices); return the file's metadata.
 
+    The keys and shapes are checked by ``load_state_dict(strict=True)``; on a mismatch the model may be left
+    partly loaded, so it should not be used after the error.
+
     Raises:
         CheckpointError: the file is missing, or its keys / shapes differ from the model's (names them).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
-    state = load_file(str(path))
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata() or {})
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k} (checkpoint {list(state[k].shape)}, model {list(expected[k].shape)})"
-        for k in sorted(set(state) & set(expected))
-        if state[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {', '.join(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatches: {', '.join(shapes)}")
-        raise CheckpointError(f"{path}: checkpoint does not match the model; " + "; ".join(parts))
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as error:  # torch lists every missing / unexpected key and size mismatch, over many lines
+        raise CheckpointError(f"{path}: checkpoint does not match the model: {' '.join(str(error).split())}") from None
     return metadata
 
 

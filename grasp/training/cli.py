@@ -13,16 +13,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from grasp._io import write_json
-from grasp.data.loaders import DataError
 from grasp.data.preprocess import Dataset
 from grasp.data.store import load_dataset
 from grasp.pipeline.cli import add_stage_arguments, run_stages
@@ -31,6 +28,8 @@ from grasp.pipeline.stages import StageError
 from grasp.pipeline.tables import Tables
 from grasp.training.config import TrainConfig, add_train_arguments
 from grasp.training.report import write_report, write_summary
+from grasp.training.rundir import check_same_setup, read_record
+from grasp.training.trainer import join_process_group, train
 
 __all__ = ["add_train_command_arguments", "train_main", "add_evaluate_arguments", "evaluate_main"]
 
@@ -54,16 +53,7 @@ def add_train_command_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _read_record(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / _RUN_FILE
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        if not all(key in record for key in ("config", "pipeline_dir", "seeds")):
-            raise KeyError("config, pipeline_dir, seeds")
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
-        raise DataError(path, None, f"not a grasp train record ({error!r}); remove it or use another --out") from None
-    return record
+    return read_record(run_dir / _RUN_FILE, ("config", "pipeline_dir", "seeds"))
 
 
 def _read_metrics(seed_dir: Path) -> dict[str, Any] | None:
@@ -74,20 +64,17 @@ def _read_metrics(seed_dir: Path) -> dict[str, Any] | None:
 def _check_run(run_dir: Path, record: dict[str, Any], force: bool) -> None:
     """Refuse a run directory made for another config, dataset location or LLM tables (unless ``force``)."""
     old = _read_record(run_dir)
-    if old is None or force:
+    if old is None:
         return
-    keys = sorted(set(old["config"]) | set(record["config"]))
-    diff = [f"{k}: {old['config'].get(k)!r} -> {record['config'].get(k)!r}"
-            for k in keys if old["config"].get(k) != record["config"].get(k)]  # fmt: skip
-    if old["pipeline_dir"] != record["pipeline_dir"]:
-        diff.append(f"pipeline_dir: {old['pipeline_dir']} -> {record['pipeline_dir']}")
-    if "tables" in record and old.get("tables") != record["tables"]:
-        diff.append("the LLM tables (generate / embed / retrieve ran again with other inputs)")
-    if diff:
-        raise ValueError(
-            f"{run_dir} belongs to a different training config ({', '.join(diff)}); use another --out, or --force "
-            f"to train this config there"
-        )
+    compared = [key for key in ("pipeline_dir", "tables") if key in record]  # the tables, once they are known
+    check_same_setup(
+        run_dir,
+        {**old["config"], **{key: old.get(key) for key in compared}},
+        {**record["config"], **{key: record[key] for key in compared}},
+        kind="training config",
+        force=force,
+        notes={"tables": "the LLM tables (generate / embed / retrieve ran again with other inputs)"},
+    )
 
 
 def _table_hashes(pipeline_dir: Path) -> dict[str, str]:
@@ -132,21 +119,8 @@ def _stages_on_rank0(
     return dataset, tables
 
 
-def _init_distributed(config: TrainConfig) -> bool:
-    """Join the torchrun process group early, so rank 0 alone runs the stages; True when this call made it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return True
-
-
 def train_main(args: argparse.Namespace) -> int:
     """``grasp train``: stages, then one training run per seed, then the summary; returns the exit code."""
-    from grasp.training.trainer import train
-
     config = TrainConfig.from_args(args)
     seeds = args.seeds or [config.seed]
     if len(set(seeds)) != len(seeds):
@@ -157,7 +131,7 @@ def train_main(args: argparse.Namespace) -> int:
     record = {"config": defining, "pipeline_dir": str(pipeline_dir.resolve())}
     _check_run(run_dir, record, args.force)
 
-    owns_group = _init_distributed(config)
+    owns_group = join_process_group(config.device)
     main_rank = not dist.is_initialized() or dist.get_rank() == 0
     try:
         dataset, tables = _stages_on_rank0(args, config, pipeline_dir, main_rank)

@@ -1,4 +1,4 @@
-"""Leave-one-out evaluation (DESIGN.md section 6).
+"""Leave-one-out evaluation (docs/design.md section 7).
 
 Validation ranks ``valid_items[u]`` given the user's training history; test ranks ``test_items[u]`` given
 training history plus the validation item. Two candidate sets:

@@ -11,7 +11,7 @@ import numpy as np
 
 __all__ = ["KS", "GROUPS", "ranking_metrics", "group_metrics", "group_masks"]
 
-#: The cut-offs reported (DESIGN.md section 6).
+#: The cut-offs reported (docs/design.md section 7).
 KS = (1, 3, 5, 10, 20)
 #: Metric groups, in report order.
 GROUPS = ("overall", "tail_user", "head_user", "tail_item", "head_item")

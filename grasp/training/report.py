@@ -78,12 +78,11 @@ def _group_table(groups: dict[str, Any], sizes: dict[str, int] | None) -> str:
 
 
 def _model_label(config: dict[str, Any]) -> str:
-    """The model's name; GRASP's ID initialisation is named when it is not the default (a config written
-    before the option existed was random)."""
+    """The model's name; GRASP's ID initialisation is named when it is not the default."""
     label = str(config.get("model", "?"))
     if label != "grasp":
         return label
-    id_init = config.get("id_init", "random")
+    id_init = config.get("id_init")
     return label if id_init == DEFAULT_ID_INIT else f"{label} (id-init {id_init})"
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import random
 import time
@@ -47,6 +46,7 @@ from grasp.training.checkpoint import (
 from grasp.training.config import TrainConfig
 from grasp.training.evaluate import dataset_fingerprint, evaluate_split, load_or_create_eval_negatives
 from grasp.training.metrics import GROUPS
+from grasp.training.rundir import check_same_setup, read_record
 
 __all__ = ["train", "evaluate_run", "build_recommender", "ModelFactory"]
 
@@ -61,24 +61,7 @@ def build_recommender(config: TrainConfig, dataset: Dataset, tables: Any) -> nn.
     from grasp.models import build_model
 
     return build_model(
-        config.backbone,
-        config.model,
-        num_users=dataset.num_users,
-        num_items=dataset.num_items,
-        tables=tables,
-        d=config.d,
-        max_len=config.max_len,
-        dropout=config.dropout,
-        num_blocks=config.num_blocks,
-        num_heads=config.num_heads,
-        hae_branches=tuple(config.hae_branches),
-        activation=config.activation,
-        attention=config.attention,
-        hae_backend=config.hae_backend,
-        id_init=config.id_init,
-        llmesr_alpha=config.llmesr_alpha,
-        mask_prob=config.mask_prob,
-        bert_negatives=config.bert_negatives,
+        num_users=dataset.num_users, num_items=dataset.num_items, tables=tables, **config.model_options()
     )
 
 
@@ -98,16 +81,31 @@ class _Env:
         return self.rank == 0
 
 
+def _uses_cuda(device: str) -> bool:
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
+def join_process_group(device: str) -> bool:
+    """Under torchrun (``WORLD_SIZE`` > 1), create the process group unless one exists.
+
+    NCCL when training on CUDA (this process first takes its ``LOCAL_RANK`` GPU), gloo on the CPU. Returns
+    True when this call created the group, so the caller destroys it when done.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    use_cuda = _uses_cuda(device)
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return True
+
+
 def _setup(config: TrainConfig) -> _Env:
     """Resolve the device, join / create the process group under torchrun, pick the autocast dtype."""
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: CUDA is not available here (use --device cpu or auto)")
-    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    owns_group = False
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        owns_group = True
+    use_cuda = _uses_cuda(config.device)
+    owns_group = join_process_group(config.device)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     if use_cuda:
@@ -170,22 +168,22 @@ def _dataset_info(dataset: Dataset) -> dict[str, Any]:
 def _check_run_dir(run_dir: Path, config: TrainConfig, data_info: dict[str, Any], force: bool) -> None:
     """Refuse a run directory made with another config or dataset unless ``force``."""
     path = run_dir / "config.json"
-    if force or not path.is_file():
+    saved = None if force else read_record(path, ("config",))
+    if saved is None:
         return
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
         old = TrainConfig.from_dict(saved["config"]).run_defining()
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, TypeError) as e:
         raise ValueError(f"{path}: unreadable run config ({e}); use another run directory or force") from None
-    new = config.run_defining()
-    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in new if old.get(k) != new.get(k)]
-    if saved.get("dataset", {}).get("fingerprint") != data_info["fingerprint"]:
-        diffs.append(f"dataset: {saved.get('dataset', {}).get('name')!r} -> {data_info['name']!r} (different data)")
-    if diffs:
-        raise ValueError(
-            f"{path}: this run directory was made with a different setup ({'; '.join(diffs)}); "
-            "use another run directory, or force (--force) to start over in it"
-        )
+    old_data = saved.get("dataset", {})
+    check_same_setup(
+        run_dir,
+        {**old, "dataset": old_data.get("fingerprint")},
+        {**config.run_defining(), "dataset": data_info["fingerprint"]},
+        kind="setup",
+        force=force,
+        notes={"dataset": f"dataset: {old_data.get('name')!r} -> {data_info['name']!r} (different data)"},
+    )
 
 
 def _write_epochs_csv(path: Path, history: list[dict[str, float]]) -> None:
@@ -502,11 +500,11 @@ def evaluate_run(
 
     run_dir = Path(run_dir)
     path = run_dir / "config.json"
-    if not path.is_file():
+    saved = read_record(path, ("config",))
+    if saved is None:
         raise FileNotFoundError(f"{path}: not found; is {run_dir} a training run directory?")
     if checkpoint not in ("best", "last"):
         raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
-    saved = json.loads(path.read_text(encoding="utf-8"))
     config = TrainConfig.from_dict(saved["config"])
     config.device = device
     config.amp = config.amp and device != "cpu"

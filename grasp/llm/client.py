@@ -1,10 +1,11 @@
 """Shared request machinery for OpenAI-compatible endpoints (chat completions and embeddings).
 
 :class:`OpenAIRunner` sends many independent requests with bounded concurrency through the official
-``openai`` client (its own retries switched off) and retries with exponential backoff and full jitter on
-HTTP 429 (honouring ``retry-after``, capped at ``backoff_max``), 408, 409, 5xx, timeouts, connection errors and
-empty or malformed responses. Other errors (400, 401, 403, 404, ...) are not retried. A request that still
-fails after ``max_retries`` retries is recorded as a failure (task index -> reason), never raised.
+``openai`` client. The client itself retries HTTP 408, 409, 429 and 5xx, timeouts and connection errors, with
+exponential backoff and jitter, honouring ``retry-after``. The runner adds what the client lacks: it retries
+answers that arrive but are empty or malformed (exponential backoff with full jitter), and it records a task
+that still fails as a failure (task index -> reason) instead of raising. One ``max_retries`` budget covers
+both kinds of retry. Other errors (400, 401, 403, 404, ...) are not retried.
 
 The API key is read from the environment variable ``api_key_env`` (``OPENAI_API_KEY`` by default). When it
 is unset and the endpoint is local (``localhost``, ``127.x.x.x``, ``::1``; servers such as vLLM or Ollama
@@ -50,7 +51,6 @@ R = TypeVar("R")
 
 _LOCAL_HOSTS = ("localhost", "::1", "0.0.0.0")
 _PLACEHOLDER_KEY = "sk-local-placeholder"
-_RETRYABLE_STATUS = (408, 409, 429)
 
 
 class MalformedResponse(Exception):
@@ -95,10 +95,10 @@ class OpenAIRunner(Generic[T, R]):
         api_key_env: the environment variable holding the API key.
         concurrency: requests in flight at once (>= 1).
         timeout: seconds per request (> 0).
-        max_retries: retries per task after the first attempt (>= 0).
-        backoff_base, backoff_max: the n-th retry waits a uniform random time in
-            ``[0, min(backoff_max, backoff_base * 2**n)]`` (full jitter), at least ``retry-after`` when the
-            server sent one (capped at ``backoff_max``).
+        max_retries: retries per task after the first request (>= 0), shared by the client's retries of
+            HTTP errors, timeouts and connection errors and the runner's retries of empty or malformed answers.
+        backoff_base, backoff_max: the n-th retry of an empty or malformed answer waits a uniform random time
+            in ``[0, min(backoff_max, backoff_base * 2**n)]`` (full jitter). The client times its own retries.
 
     Raises:
         ValueError: a bad argument, or the key variable unset for a non-local endpoint.
@@ -139,7 +139,13 @@ class OpenAIRunner(Generic[T, R]):
                 )
             key = _PLACEHOLDER_KEY
         self._key = key
-        self._client = _openai().OpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=0)
+        openai = _openai()
+        # The request hook counts every HTTP request, the client's retries included, per sending thread.
+        http_client = openai.DefaultHttpxClient(event_hooks={"request": [self._count_request]})
+        self._client = openai.OpenAI(
+            api_key=key, base_url=base_url, timeout=timeout, max_retries=max_retries, http_client=http_client
+        )
+        self._sent = threading.local()
         self._random = random.Random()
 
     def __repr__(self) -> str:
@@ -148,22 +154,24 @@ class OpenAIRunner(Generic[T, R]):
             f"max_retries={self.max_retries})"
         )
 
+    def _count_request(self, request: object) -> None:
+        """The HTTP client's request hook: one more request sent by the calling thread's task."""
+        self._sent.count = getattr(self._sent, "count", 0) + 1
+
     def _scrub(self, text: str) -> str:
         return " ".join(text.replace(self._key, "***").split())[:300]
 
-    def _classify(self, error: Exception) -> tuple[bool, str, float]:
-        """(retry?, reason, seconds the server asked to wait) for an error raised by a request or its parsing."""
+    def _classify(self, error: Exception) -> tuple[bool, str]:
+        """(retry here?, reason) for an error raised by a request or its parsing; the client retried the rest."""
         openai = _openai()
-        if isinstance(error, openai.APITimeoutError):
-            return True, f"timeout after {self.timeout} s", 0.0
-        if isinstance(error, openai.APIConnectionError):
-            return True, f"connection error: {error}", 0.0
-        if isinstance(error, openai.APIStatusError):
-            status = error.status_code
-            retry = status in _RETRYABLE_STATUS or status >= 500
-            return retry, f"HTTP {status}: {error.message}", _retry_after(error.response.headers)
         if isinstance(error, (MalformedResponse, openai.APIResponseValidationError, ValueError)):
-            return True, f"malformed response: {error}", 0.0
+            return True, f"malformed response: {error}"
+        if isinstance(error, openai.APITimeoutError):
+            return False, f"timeout after {self.timeout} s"
+        if isinstance(error, openai.APIConnectionError):
+            return False, f"connection error: {error}"
+        if isinstance(error, openai.APIStatusError):
+            return False, f"HTTP {error.status_code}: {error.message}"
         raise error
 
     def _attempts(
@@ -175,32 +183,47 @@ class OpenAIRunner(Generic[T, R]):
         lock: threading.Lock,
         stop: threading.Event,
     ) -> tuple[R | None, str | None]:
-        """Send one task until it succeeds, fails for good or the run stops: (value, None) or (None, reason)."""
-        for attempt in range(self.max_retries + 1):
+        """Send one task until it succeeds, fails for good or the run stops: (value, None) or (None, reason).
+
+        Every HTTP request after the task's first counts as a retry, whether the client or this loop sent it.
+        """
+        self._sent.count = 0
+        try:
+            while True:
+                sent_before = self._sent.count
+                try:
+                    response = request(self._client_for_next_attempt(), task)
+                    self._add_usage(response, stats, lock)
+                    return parse(task, response), None
+                except Exception as error:  # _classify re-raises what it does not know
+                    retry, reason = self._classify(error)
+                    reason = self._scrub(reason)
+                self._sent.count = max(self._sent.count, sent_before + 1)  # an attempt spends budget even unsent
+                retries = self._sent.count - 1
+                if not retry or retries >= self.max_retries:
+                    return None, reason + (f" (after {_plural(retries, 'retry', 'retries')})" if retries > 0 else "")
+                delay = self._random.uniform(0, min(self.backoff_max, self.backoff_base * 2**retries))
+                log.debug("retry %d/%d in %.2f s: %s", retries + 1, self.max_retries, delay, reason)
+                if stop.wait(delay):
+                    return None, "stopped"
+        finally:
             with lock:
-                stats.requests += 1
-            try:
-                response = request(self._client, task)
-                usage = getattr(response, "usage", None)
-                with lock:
-                    stats.prompt_tokens += int(getattr(usage, "prompt_tokens", 0) or 0)
-                    stats.completion_tokens += int(getattr(usage, "completion_tokens", 0) or 0)
-                return parse(task, response), None
-            except Exception as error:  # _classify re-raises what it does not know
-                retry, reason, wait = self._classify(error)
-                reason = self._scrub(reason)
-            if not retry:
-                return None, reason
-            if attempt == self.max_retries:
-                return None, f"{reason} (after {self.max_retries} retries)"
-            with lock:
-                stats.retries += 1
-            delay = self._random.uniform(0, min(self.backoff_max, self.backoff_base * 2**attempt))
-            delay = max(delay, min(wait, self.backoff_max))
-            log.debug("retry %d/%d in %.2f s: %s", attempt + 1, self.max_retries, delay, reason)
-            if stop.wait(delay):
-                return None, "stopped"
-        raise AssertionError("unreachable")
+                stats.requests += self._sent.count
+                stats.retries += max(self._sent.count - 1, 0)
+
+    @staticmethod
+    def _add_usage(response: Any, stats: RequestStats, lock: threading.Lock) -> None:
+        """Add the response's ``usage`` token counts (also for answers that turn out malformed: they are billed)."""
+        usage = getattr(response, "usage", None)
+        with lock:
+            stats.prompt_tokens += int(getattr(usage, "prompt_tokens", 0) or 0)
+            stats.completion_tokens += int(getattr(usage, "completion_tokens", 0) or 0)
+
+    def _client_for_next_attempt(self) -> openai.OpenAI:
+        """The client, its retry budget cut by the requests this thread's task has already sent."""
+        if self._sent.count == 0:
+            return self._client
+        return self._client.with_options(max_retries=self.max_retries - self._sent.count)
 
     def run(
         self,
@@ -270,11 +293,6 @@ class OpenAIRunner(Generic[T, R]):
         return failures, stats
 
 
-def _retry_after(headers: Any) -> float:
-    """Seconds from ``retry-after-ms`` or ``retry-after`` (a number of seconds); 0 when absent or a date."""
-    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        try:
-            return max(0.0, float(headers.get(name)) * scale)
-        except (TypeError, ValueError):
-            continue
-    return 0.0
+
+def _plural(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grasp.data import DataError
+from grasp.data.core import DataError
 
 __all__ = ["ResponseCache", "cache_key"]
 

@@ -1,0 +1,73 @@
+"""The run-directory guard: a directory holds the runs of one setup, and a run with another setup is refused.
+
+Two levels use it: ``grasp train``'s run directory records ``train.json`` (the config without the seed, the
+pipeline directory and the LLM tables' hashes), and each seed's directory records ``config.json`` (the
+config and the dataset fingerprint). A later run in either directory must match its record, unless forced.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from grasp.data.core import DataError
+
+__all__ = ["read_record", "check_same_setup"]
+
+
+def read_record(path: Path, keys: Sequence[str]) -> dict[str, Any] | None:
+    """The JSON object at ``path``, or None when there is no such file.
+
+    Raises:
+        DataError: the file is not JSON, not an object, or lacks one of ``keys`` (the message names the file).
+    """
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        missing = [key for key in keys if key not in record]
+        problem = f"no {', '.join(missing)}" if missing else None
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
+        problem = str(error)
+    if problem is not None:
+        raise DataError(path, None, f"not a grasp run record ({problem}); remove it or use another run directory")
+    return record
+
+
+def check_same_setup(
+    run_dir: Path,
+    recorded: Mapping[str, Any],
+    current: Mapping[str, Any],
+    *,
+    kind: str,
+    force: bool,
+    notes: Mapping[str, str] | None = None,
+) -> None:
+    """Refuse ``run_dir`` when the setup it recorded differs from this run's, unless ``force``.
+
+    Args:
+        run_dir: the directory, named in the message.
+        recorded, current: the compared settings (name -> value), e.g. a config's run-defining fields.
+        kind: what the settings are, for the message (``"a different {kind}"``).
+        force: skip the check.
+        notes: name -> the text that describes a difference of that setting (default ``"name: old -> new"``).
+
+    Raises:
+        ValueError: naming every setting that differs.
+    """
+    if force:
+        return
+    notes = notes or {}
+    names = dict.fromkeys([*recorded, *current])
+    diffs = [
+        notes.get(name) or f"{name}: {recorded.get(name)!r} -> {current.get(name)!r}"
+        for name in names
+        if recorded.get(name) != current.get(name)
+    ]
+    if diffs:
+        raise ValueError(
+            f"{run_dir} belongs to a different {kind} ({'; '.join(diffs)}); use another run directory, or --force "
+            "to start over in it"
+        )
