@@ -6,7 +6,8 @@ The enhancer runs the op on N (user, item) pairs drawn from U users and M distin
 - ``unfused``: the pairs' rows gathered (index_select), ``grasp.ops.holistic_attention`` (its fastest
   backend) on them, then ``F.linear``: what the enhancer did before the fused op;
 - ``reference`` and ``compile``: the fused op's plain-PyTorch reference, eager and ``torch.compile``d;
-- ``cpu`` / ``triton``: ``grasp.ops.holistic_attention_projected`` on those backends;
+- ``cpu`` / ``cuda`` / ``triton``: ``grasp.ops.holistic_attention_projected`` on those backends (the fused
+  backwards are deterministic segmented reductions, no atomics);
 
 for the forward (inference) and forward + backward (a training step), and prints the median ms and the
 speed-up over ``unfused``. CSV rows go to ``benchmarks/results/holistic_attention_projected.csv``.
@@ -59,7 +60,7 @@ def implementations(device: str) -> dict[str, Callable]:
         "reference": holistic_attention_projected_reference,
         "compile": torch.compile(holistic_attention_projected_reference, dynamic=False),
     }
-    for backend in ("cpu", "triton"):
+    for backend in ("cpu", "cuda", "triton"):
         if device == "cpu" and backend == "triton":
             continue  # the Triton interpreter is a correctness tool, not a timing target
         if not backend_reason(backend, device):

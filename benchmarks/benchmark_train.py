@@ -13,6 +13,7 @@ side by side with ours on the same batches.
 
     python benchmarks/benchmark_train.py --data-dir ../shared/data/ml-100k --pipeline-dir runs/ml-100k/pipeline
     python benchmarks/benchmark_train.py --models sasrec:id sasrec:grasp --epochs 5
+    python benchmarks/benchmark_train.py --device cuda --synthetic 20000 5000 --models sasrec:id sasrec:grasp
 
 Without ``--pipeline-dir`` the LLM tables are random (384-d, like MiniLM): speed does not depend on
 their values. Rows are appended to ``benchmarks/results/train.csv``.
@@ -72,20 +73,30 @@ class Runner:
             tables=None if model == "id" else tables, d=args.hidden, max_len=args.max_len,
             num_blocks=args.blocks, num_heads=1, dropout=args.dropout,
         )  # fmt: skip
+        self.device = torch.device(args.device)
+        self.model.to(self.device)
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=1e-3)
         self.batches = TrainBatches(dataset, args.max_len, args.batch_size, seed=0)
         self.sequences = dataset.num_users
 
     def epoch(self) -> float:
+        """Seconds of one epoch; on a GPU the clock stops once the device has finished the epoch's work."""
         self.model.train()
+        _synchronize(self.device)
         start = time.perf_counter()
         for users, seqs, negatives in self.batches.epoch():
-            u, s, n = (torch.from_numpy(a) for a in (users, seqs, negatives))
+            u, s, n = (torch.from_numpy(a).to(self.device, non_blocking=True) for a in (users, seqs, negatives))
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.model.loss(u, s, n)
             loss.backward()
             self.optimizer.step()
+        _synchronize(self.device)
         return time.perf_counter() - start
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class PmixerRunner:
@@ -126,7 +137,10 @@ class PmixerRunner:
 
 
 def load(args: argparse.Namespace) -> tuple[Dataset, Tables, str]:
-    if args.data_dir is not None:
+    if args.synthetic is not None:
+        users, items = args.synthetic
+        dataset = preprocess(synthetic(num_users=users, num_items=items))
+    elif args.data_dir is not None:
         dataset = preprocess(load_movielens(args.data_dir))
     elif SHARED_ML100K.is_dir():
         dataset = preprocess(load_movielens(SHARED_ML100K))
@@ -144,7 +158,10 @@ def load(args: argparse.Namespace) -> tuple[Dataset, Tables, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, help="a MovieLens folder (default: ../shared/data/ml-100k)")
+    parser.add_argument("--synthetic", type=int, nargs=2, metavar=("USERS", "ITEMS"),
+                        help="time on the built-in synthetic dataset of this size instead of MovieLens")
     parser.add_argument("--pipeline-dir", type=Path, help="a run directory with LLM tables for this dataset")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="backbone:model pairs")
     parser.add_argument("--max-len", type=int, default=200)
     parser.add_argument("--hidden", type=int, default=50)
@@ -156,6 +173,8 @@ def main() -> None:
                         help="model.py of a pmixer/SASRec.pytorch checkout: time its SASRec alongside")  # fmt: skip
     parser.add_argument("--no-csv", action="store_true", help="do not append to benchmarks/results/train.csv")
     args = parser.parse_args()
+    if args.device == "cuda" and args.pmixer_model is not None:
+        parser.error("--pmixer-model times pmixer's model on the CPU only; leave it out with --device cuda")
 
     dataset, tables, source = load(args)
     runners: list[Runner | PmixerRunner] = [Runner(spec, dataset, tables, args) for spec in args.models]
@@ -168,7 +187,7 @@ def main() -> None:
         for runner in runners:
             times[runner.spec].append(runner.epoch())
 
-    when, commit, machine = stamp(), git_commit(), machine_name("cpu")
+    when, commit, machine = stamp(), git_commit(), machine_name(args.device)
     print(f"# training speed: {dataset.name} ({dataset.num_users} users, {dataset.num_items} items), {source}")
     print(f"maxlen {args.max_len}, hidden {args.hidden}, {args.blocks} blocks, batch {args.batch_size}, "
           f"median of {args.epochs} epochs; {machine}; commit {commit}; {when}\n")  # fmt: skip

@@ -15,7 +15,8 @@
 //       -> (grad_user, grad_user_sim, grad_item, grad_item_sim, grad_values)
 //
 // Contract shared by every kernel (the Python wrapper guarantees it): all float tensors contiguous, one
-// dtype and device; the indices contiguous int64 and in range. Gates are recomputed in the backward.
+// dtype and device; the indices contiguous int64 and in range. Gates are recomputed in the backward, which is
+// deterministic on every device (segmented sums over the pairs grouped by item and by user, no atomics).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(grasp, m) {

@@ -9,7 +9,10 @@
 //       query row r never selects db row query_start + r when exclude_self.
 //   gather_mean(x [n, D], indices [q, k]) -> [q, D]: mean of x[indices[r]], x's dtype.
 //
-// No autograd: neighbour search is an offline step.
+// No autograd: neighbour search is an offline step. No autocast either: knn_search
+// excludes autocast inside, so its products keep the inputs' precision under an
+// enclosing torch.autocast, and gather_mean always accumulates in float32
+// (float64 for float64) and returns x's dtype.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(grasp, m) {

@@ -15,38 +15,52 @@ of d (BLOCK_D = next_power_of_2(d)); everything is accumulated in float32.
   is accumulated across programs (no atomics). The softmax first makes a pass for the row statistics
   and for sum_l a·da of each branch.
 
-``hae_forward`` and ``hae_backward`` launch the kernels; the torch.library ops
+Autotuning: BLOCK_L and num_warps are tuned per key (BLOCK_D, a power-of-two bucket of L, the flags
+and the dtypes), never per exact B or L, so new batch sizes and sequence lengths within a bucket reuse
+the choice without benchmarking again.
+
+``hae_forward`` and ``hae_backward`` launch the kernels, on the inputs' device; the torch.library ops
 ``grasp::hae_forward_triton`` (differentiable) and ``grasp::hae_backward_triton`` wrap them.
 """
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from grasp.ops.hae import register_op_glue
+from grasp_kernels._common import INTERPRET, define_op, launcher, on_device
 
-__all__ = ["hae_backward", "hae_forward"]
-
-# TRITON_INTERPRET=1 runs the kernels on CPU tensors in Triton's NumPy interpreter (tests). There is
-# nothing to tune then, and the kernels are launched directly rather than through wrap_triton, which
-# only serves torch.compile's tracing of the triton_ops (see the op definitions below).
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+__all__ = ["AUTOTUNE_KEY", "L_BUCKET_MAX", "autotuner", "hae_backward", "hae_forward", "l_bucket"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Most elements of a [BLOCK_L, BLOCK_D] tile per thread a config may use: the backward keeps about
-# eight float32 tiles live, so wide rows get fewer positions per tile rather than spilling registers.
-_TILE_ELEMS_PER_THREAD = 16
+# Most elements of a [BLOCK_L, BLOCK_D] tile per thread a config may use, so that wide rows get fewer
+# positions per tile rather than spilling registers. The backward keeps about eight float32 tiles live:
+# at 16 elements per thread it needs 125-255 registers and spills (sm_90, float32, d = 50), at 8 at most
+# 144; the forward stays within 204 at 16 (every config compiled for sm_80 and sm_90 at the target shapes
+# of benchmarks/gpu_model.py, with and without a mask; benchmarks/gpu_code_report.py checks it).
+_FWD_TILE_ELEMS_PER_THREAD = 16
+_BWD_TILE_ELEMS_PER_THREAD = 8
+
+# Forward tiles, as (BLOCK_D, BLOCK_L, num_warps), that ptxas compiles with 4 bytes of spills in some
+# variant although they fit (it trades registers for occupancy there: sm_90, the float32 softmax or the
+# float16 sigmoid of a [B, d] user, found by the same compiles).
+_FWD_SPILLS = {(64, 16, 4), (256, 4, 8), (256, 16, 8)}
+
+# See _rounded.
+_INTERPRETED_BF16_TRUNCATES = tl.constexpr(INTERPRET)
 
 # Starting value of a running softmax max: finite, so exp(m_old - m_new) is never exp(-inf + inf).
 _FP32_MIN = tl.constexpr(-3.4028234663852886e38)
 
-if _INTERPRET:
+# Rows longer than this share one autotuning bucket: a row of this many positions spans many tiles of
+# every config, so a longer one does not change which config is fastest.
+L_BUCKET_MAX = 1024
+
+if INTERPRET:
     _CONFIGS = [triton.Config({"BLOCK_L": 16}, num_warps=4, num_stages=1)]
 else:
     # num_stages is not tuned: the loops hold no tl.dot, so Triton does not software-pipeline them and
@@ -58,22 +72,57 @@ else:
     ]
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Keep the configs within _TILE_ELEMS_PER_THREAD (the one with the smallest tile per thread if none)."""
+def l_bucket(L: int) -> int:
+    """The autotuning bucket of a row of L positions: the next power of two, at most L_BUCKET_MAX."""
+    return min(triton.next_power_of_2(max(L, 1)), L_BUCKET_MAX)
+
+
+def _prune(configs, args: dict, max_per_thread: int, spills: set) -> list:
+    """The configs worth benchmarking for a launch, from its key arguments alone (BLOCK_D, L_BUCKET).
+
+    A config is kept when its tile is no longer than the row's bucket (a longer tile only computes
+    masked-out positions), holds at most ``max_per_thread`` elements per thread and its
+    (BLOCK_D, BLOCK_L, num_warps) is not in ``spills``. If none is kept, the one with the smallest tile
+    per thread among the short enough ones.
+    """
+    block_d, bucket = args["BLOCK_D"], args["L_BUCKET"]
 
     def per_thread(config):
-        return config.kwargs["BLOCK_L"] * kwargs["BLOCK_D"] / (32 * config.num_warps)
+        return config.kwargs["BLOCK_L"] * block_d / (32 * config.num_warps)
 
-    fitting = [c for c in configs if per_thread(c) <= _TILE_ELEMS_PER_THREAD]
-    return fitting or [min(configs, key=per_thread)]
+    short = [c for c in configs if c.kwargs["BLOCK_L"] <= bucket] or [min(configs, key=lambda c: c.kwargs["BLOCK_L"])]
+    fitting = [
+        c for c in short
+        if per_thread(c) <= max_per_thread and (block_d, c.kwargs["BLOCK_L"], c.num_warps) not in spills
+    ]
+    return fitting or [min(short, key=per_thread)]
 
 
-# Every shape argument and flag is in the key (triton adds the tensors' dtypes itself).
-_autotune = triton.autotune(
-    configs=_CONFIGS,
-    key=["B", "L", "D", "SOFTMAX", "HAS_MASK", "USER_PER_POSITION"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-)
+def _prune_forward_configs(configs, named_args, **kwargs):
+    """The forward's configs for a launch (see _prune): named_args and kwargs are the launch's arguments."""
+    return _prune(configs, {**named_args, **kwargs}, _FWD_TILE_ELEMS_PER_THREAD, _FWD_SPILLS)
+
+
+def _prune_backward_configs(configs, named_args, **kwargs):
+    """The backward's configs for a launch (see _prune): named_args and kwargs are the launch's arguments."""
+    return _prune(configs, {**named_args, **kwargs}, _BWD_TILE_ELEMS_PER_THREAD, set())
+
+
+#: The autotuning key: the tile width, the row's length bucket and the flags (Triton adds the tensors'
+#: dtypes). Never the exact B or L, so a new batch size or sequence length in the same bucket reuses the
+#: benchmarked choice.
+AUTOTUNE_KEY = ["BLOCK_D", "L_BUCKET", "SOFTMAX", "HAS_MASK", "USER_PER_POSITION"]
+
+
+def autotuner(configs: list[triton.Config], *, backward: bool):
+    """``triton.autotune`` over ``configs`` with the HAE key and the forward's or the backward's pruner."""
+    prune = _prune_backward_configs if backward else _prune_forward_configs
+    return triton.autotune(configs=configs, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune})
+
+
+# L and L_BUCKET are not specialised: only D fixes the alignment of the rows, so every length shares
+# one compiled kernel per config.
+_jit = triton.jit(do_not_specialize=["L", "L_BUCKET"])
 
 
 @triton.jit
@@ -96,6 +145,21 @@ def _tile_masks(mask_ptr, rows, in_row, d_ok, HAS_MASK: tl.constexpr):
     if HAS_MASK:
         live = live & (tl.load(mask_ptr + rows, mask=in_row, other=0) != 0)
     return live, live[:, None] & d_ok, in_row[:, None] & d_ok
+
+
+@triton.jit
+def _rounded(x, ty: tl.constexpr):
+    """float32 x converted to the store type ty, rounding to nearest even as a GPU does.
+
+    Triton's interpreter truncates float32 -> bfloat16 conversions instead (whatever the rounding
+    mode asked for), so there x is first rounded to the nearest bfloat16 value by integer arithmetic
+    on its bits (NaN kept), and the truncating conversion is then exact.
+    """
+    if _INTERPRETED_BF16_TRUNCATES and ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        nearest = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = tl.where(x == x, nearest.to(tl.float32, bitcast=True), x)
+    return x.to(ty)
 
 
 @triton.jit
@@ -184,11 +248,11 @@ def _logit_grad(a, da, c, SOFTMAX: tl.constexpr):
     return da * a * (1.0 - a)
 
 
-@_autotune
-@triton.jit
+@autotuner(_CONFIGS, backward=False)
+@_jit
 def _hae_fwd_kernel(
     user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, mask_ptr, out_ptr,
-    B, L, D, scale, scale_glob,
+    L, D, L_BUCKET, scale, scale_glob,
     SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, USER_PER_POSITION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
@@ -230,18 +294,18 @@ def _hae_fwd_kernel(
         a_sim = _gate(z_sim, m_sim, inv_sim, live, SOFTMAX)
         a_glob = _gate(z_glob, m_glob, inv_glob, live, SOFTMAX)
         out = out_ptr + rows[:, None] * (4 * D) + offs_d[None, :]
-        tl.store(out, (a_self * i).to(out_ty), mask=store_mask)
-        tl.store(out + D, (a_sim * i_sim).to(out_ty), mask=store_mask)
-        tl.store(out + 2 * D, (a_glob * i).to(out_ty), mask=store_mask)
-        tl.store(out + 3 * D, (a_glob * i_sim).to(out_ty), mask=store_mask)
+        tl.store(out, _rounded(a_self * i, out_ty), mask=store_mask)
+        tl.store(out + D, _rounded(a_sim * i_sim, out_ty), mask=store_mask)
+        tl.store(out + 2 * D, _rounded(a_glob * i, out_ty), mask=store_mask)
+        tl.store(out + 3 * D, _rounded(a_glob * i_sim, out_ty), mask=store_mask)
 
 
-@_autotune
-@triton.jit
+@autotuner(_CONFIGS, backward=True)
+@_jit
 def _hae_bwd_kernel(
     grad_out_ptr, user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, mask_ptr,
     grad_user_ptr, grad_user_sim_ptr, grad_item_ptr, grad_item_sim_ptr,
-    B, L, D, scale, scale_glob,
+    L, D, L_BUCKET, scale, scale_glob,
     SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, USER_PER_POSITION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
@@ -303,28 +367,28 @@ def _hae_bwd_kernel(
         ds2 = dz_sim * scale + dz_glob * scale_glob
         grad_item = a_self * g1 + a_glob * g3 + ds1 * u
         grad_item_sim = a_sim * g2 + a_glob * g4 + ds2 * u_sim
-        tl.store(grad_item_ptr + offs, grad_item.to(grad_ty), mask=store_mask)
-        tl.store(grad_item_sim_ptr + offs, grad_item_sim.to(grad_ty), mask=store_mask)
+        tl.store(grad_item_ptr + offs, _rounded(grad_item, grad_ty), mask=store_mask)
+        tl.store(grad_item_sim_ptr + offs, _rounded(grad_item_sim, grad_ty), mask=store_mask)
         if USER_PER_POSITION:
-            tl.store(grad_user_ptr + offs, (ds1 * i).to(grad_ty), mask=store_mask)
-            tl.store(grad_user_sim_ptr + offs, (ds2 * i_sim).to(grad_ty), mask=store_mask)
+            tl.store(grad_user_ptr + offs, _rounded(ds1 * i, grad_ty), mask=store_mask)
+            tl.store(grad_user_sim_ptr + offs, _rounded(ds2 * i_sim, grad_ty), mask=store_mask)
         else:
             grad_u_row += tl.sum(ds1 * i, axis=0)
             grad_u_sim_row += tl.sum(ds2 * i_sim, axis=0)
     if not USER_PER_POSITION:
         offs_d = tl.arange(0, BLOCK_D)
         offs_u = b * D + offs_d
-        tl.store(grad_user_ptr + offs_u, grad_u_row.to(grad_ty), mask=offs_d < D)
-        tl.store(grad_user_sim_ptr + offs_u, grad_u_sim_row.to(grad_ty), mask=offs_d < D)
+        tl.store(grad_user_ptr + offs_u, _rounded(grad_u_row, grad_ty), mask=offs_d < D)
+        tl.store(grad_user_sim_ptr + offs_u, _rounded(grad_u_sim_row, grad_ty), mask=offs_d < D)
 
 
 def _launch_args(user: Tensor, item: Tensor, mask: Tensor | None, softmax: bool) -> dict:
-    """Shape, scale and flag arguments shared by both kernels."""
+    """Shape, scale and flag arguments shared by both kernels (L_BUCKET only keys the autotuning)."""
     if item.dtype not in _DTYPES:
         raise TypeError(f"HAE Triton kernels take float32, float16 or bfloat16, not {item.dtype}")
-    B, L, D = item.shape
+    _, L, D = item.shape
     return dict(
-        B=B, L=L, D=D, scale=1.0 / math.sqrt(D), scale_glob=1.0 / math.sqrt(2 * D),
+        L=L, D=D, L_BUCKET=l_bucket(L), scale=1.0 / math.sqrt(D), scale_glob=1.0 / math.sqrt(2 * D),
         SOFTMAX=softmax, HAS_MASK=mask is not None, USER_PER_POSITION=user.dim() == 3,
         BLOCK_D=triton.next_power_of_2(D),
     )
@@ -347,9 +411,11 @@ def hae_forward(
     args = _launch_args(user, item, mask, softmax)
     B, L, D = item.shape
     out = item.new_empty((B, L, 4 * D))
-    kernel = _hae_fwd_kernel if _INTERPRET else wrap_triton(_hae_fwd_kernel)
     # With no mask, item stands in for the mask pointer; HAS_MASK=False means it is never read.
-    kernel[(B,)](user, user_sim, item, item_sim, item if mask is None else mask, out, **args)
+    with on_device(item):
+        launcher(_hae_fwd_kernel)[(B,)](
+            user, user_sim, item, item_sim, item if mask is None else mask, out, **args
+        )
     return out
 
 
@@ -370,20 +436,15 @@ def hae_backward(
     """
     args = _launch_args(user, item, mask, softmax)
     grads = tuple(t.new_empty(t.shape) for t in (user, user_sim, item, item_sim))
-    kernel = _hae_bwd_kernel if _INTERPRET else wrap_triton(_hae_bwd_kernel)
-    kernel[(item.shape[0],)](
-        grad_out, user, user_sim, item, item_sim, item if mask is None else mask, *grads, **args
-    )
+    with on_device(item):
+        launcher(_hae_bwd_kernel)[(item.shape[0],)](
+            grad_out, user, user_sim, item, item_sim, item if mask is None else mask, *grads, **args
+        )
     return grads
 
 
-# On a GPU the ops are triton_ops, so torch.compile traces into them and sees the kernels. Under
-# TRITON_INTERPRET=1 that tracing would run the interpreter on fake tensors, which have no data
-# ("Attempted to access the data pointer on an invalid python storage"), so there they are opaque
-# custom ops instead.
-_define_op = torch.library.custom_op if _INTERPRET else torch.library.triton_op
-_define_op("grasp::hae_forward_triton", hae_forward, mutates_args=())
-_define_op("grasp::hae_backward_triton", hae_backward, mutates_args=())
+define_op("grasp::hae_forward_triton", hae_forward, mutates_args=())
+define_op("grasp::hae_backward_triton", hae_backward, mutates_args=())
 
 
 # Fake kernels and autograd: shared with the C++ ops of the same schema.

@@ -11,7 +11,7 @@ import torch
 import grasp.models.item_encoders as item_encoders
 from grasp.models import BACKBONES, MODELS, build_model
 from grasp.models.item_encoders import pca_embedding
-from grasp.ops import holistic_attention_reference
+from grasp.ops import hae_projected, holistic_attention_reference
 from grasp.pipeline.tables import Tables
 
 NUM_USERS, NUM_ITEMS, DIM = 12, 40, 24
@@ -302,8 +302,10 @@ def test_adapt_distinct_whole_table_and_distinct_rows_agree(ids):
 
 
 def test_grasp_trains_under_cpu_autocast():
-    """bfloat16 autocast (what --amp does on CUDA): the fused op gets the layer's weight in the adapters' dtype."""
+    """bfloat16 autocast (what --amp does on CUDA): the fused op casts the adapters' outputs and the layer's
+    float32 weight to bfloat16, as nn.Linear would, and the float32 weight gets a float32 gradient."""
     net = make("sasrec", "grasp")
+    assert net.encoder.enhancer.fused(torch.device("cpu"))
     users, seqs, negatives = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = net.loss(users, seqs, negatives)
@@ -311,6 +313,28 @@ def test_grasp_trains_under_cpu_autocast():
     assert torch.isfinite(loss)
     assert net.encoder.enhancer.mlp[0].weight.grad.dtype == torch.float32
     assert net.encoder.enhancer.mlp[0].weight.grad.abs().sum() > 0
+
+
+def test_grasp_enhancer_stays_fused_in_deterministic_mode():
+    """The fused op's kernels have deterministic backwards, so deterministic mode keeps the enhancer on the fused
+    op on every device, and a training step's gradients are bitwise reproducible."""
+    net = make("sasrec", "grasp", dropout=0.0)
+    enhancer = net.encoder.enhancer
+    users, seqs, negatives = batch()
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    grads = []
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert enhancer.fused(torch.device("cpu"))
+        if not hae_projected.backend_reason("triton", "cuda"):
+            assert enhancer.fused(torch.device("cuda"))
+        for _ in range(2):
+            net.zero_grad()
+            net.loss(users, seqs, negatives).backward()
+            grads.append([p.grad.clone() for p in enhancer.parameters()])
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
 
 
 def test_grasp_backend_env_decides_whether_the_enhancer_fuses(monkeypatch):

@@ -171,17 +171,18 @@ def test_fast_search_proof_and_redo_on_cpu():
     x = centers.repeat_interleave(150, 0) + 1e-3 * torch.randn(1500, 48)
     x[7] = x[11]  # and an exact tie
     db32 = x / x.norm(dim=1, keepdim=True)
-    bound = db32.norm(dim=1) * db32.norm(dim=1).max()
+    norms = torch.linalg.vector_norm(db32, dim=1, dtype=torch.float64)
     search = knn._search_fn("reference")
     for k in (1, 10):
         want_s, want_i = search(db32, db32, k, 0, True)
-        s, i, redone = knn._fast_search(search, db32, db32, db32.bfloat16(), k, 0, True, bound)
+        s, i, redone = knn._fast_search(search, db32, db32, db32.bfloat16(), k, 0, True, norms, norms.max())
         assert redone > 0, "near-tie data must make some proofs fail"
         torch.testing.assert_close(s, want_s, atol=TOL, rtol=0)
         agree = (i.unsqueeze(2) == want_i.unsqueeze(1)).any(2).float().mean().item()
         assert agree > 0.999, f"fast/highest neighbour agreement {agree}"
         # query_start: a slice of the rows searched on its own excludes the right self rows
-        s2, i2, _ = knn._fast_search(search, db32[300:420], db32, db32.bfloat16(), k, 300, True, bound[300:420])
+        s2, i2, _ = knn._fast_search(search, db32[300:420], db32, db32.bfloat16(), k, 300, True, norms[300:420],
+                                     norms.max())
         assert not (i2 == torch.arange(300, 420).unsqueeze(1)).any()
         torch.testing.assert_close(s2, want_s[300:420], atol=TOL, rtol=0)
 
@@ -314,3 +315,345 @@ def test_two_process_gloo_matches_single_process(backend, tmp_path):
         results.append(json.loads(out.strip().splitlines()[-1]))
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert all(r["ok"] and r["rows"] == 301 for r in results)
+
+
+# ---- the Triton search split over database slices ----
+
+TRITON_CPU = not knn.backend_reason("triton", "cpu")
+needs_triton = pytest.mark.skipif(not TRITON_CPU, reason=knn.backend_reason("triton", "cpu") or "")
+
+# (q, n, D, k, exclude_self, slices): odd slice lengths, k larger than a slice's rows, k near n, one
+# row per slice, several query tiles, and one slice (no merge).
+SLICE_CASES = [
+    (1, 1, 1, 1, False, 1),
+    (5, 40, 17, 3, False, 7),
+    (20, 50, 8, 20, True, 9),
+    (7, 7, 3, 6, True, 4),
+    (9, 9, 5, 9, False, 9),
+    (33, 130, 24, 17, True, 3),
+    (40, 200, 33, 1, True, 1),
+]
+
+
+def assert_search_matches_float64(scores, idx, queries, db, k, start, exclude_self):
+    """The raw search contract against float64 products: top values, their indices, ties, no self."""
+    q, n = queries.shape[0], db.shape[0]
+    sims = queries.double() @ db.double().T
+    rows = torch.arange(q)
+    if exclude_self:
+        sims[rows, rows + start] = float("-inf")
+    vals, truth = sims.sort(dim=1, descending=True, stable=True)
+    assert idx.shape == scores.shape == (q, k) and idx.dtype == torch.int64 and scores.dtype == torch.float32
+    assert ((idx >= 0) & (idx < n)).all()
+    assert (idx.sort(dim=1).values.diff(dim=1) > 0).all(), "a neighbour listed twice"
+    if exclude_self:
+        assert not (idx == (rows + start).unsqueeze(1)).any(), "a row selected itself"
+    torch.testing.assert_close(scores.double(), vals[:, :k], atol=TOL, rtol=0)
+    torch.testing.assert_close(sims.gather(1, idx), scores.double(), atol=TOL, rtol=0)
+    ext = torch.cat([vals[:, :1] + 1, vals, vals.new_full((q, 1), float("-inf"))], dim=1)[:, : k + 2]
+    separated = ((ext[:, :-2] - ext[:, 1:-1]) > 10 * TOL) & ((ext[:, 1:-1] - ext[:, 2:]) > 10 * TOL)
+    assert (idx[separated] == truth[:, :k][separated]).all(), "indices differ where there is no tie"
+    same = scores[:, 1:] == scores[:, :-1]
+    assert (idx[:, 1:][same] > idx[:, :-1][same]).all(), "equal scores not ordered by index"
+
+
+@needs_triton
+@pytest.mark.parametrize("q,n,D,k,exclude_self,slices", SLICE_CASES)
+def test_triton_sliced_search_random_data(q, n, D, k, exclude_self, slices):
+    from grasp_kernels import knn as kernels
+
+    db = torch.randn(n, D)
+    start = (n - q) // 2 if exclude_self else 0
+    queries = db[start : start + q].contiguous() if exclude_self else torch.randn(q, D)
+    scores, idx = kernels.knn_search(queries, db, k, start, exclude_self, slices)
+    assert_search_matches_float64(scores, idx, queries, db, k, start, exclude_self)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("q,n,D,k,exclude_self,slices", SLICE_CASES)
+def test_triton_sliced_search_exact_ties(q, n, D, k, exclude_self, slices, dtype):
+    """Small integers: every product and sum is exact in float32 in any order, ties abound and span
+    slices, so the merged result must equal the reference's (score desc, index asc) bit for bit."""
+    from grasp_kernels import knn as kernels
+
+    db = torch.randint(-2, 3, (n, D)).to(dtype)
+    start = (n - q) // 2 if exclude_self else 0
+    queries = db[start : start + q].contiguous() if exclude_self else torch.randint(-2, 3, (q, D)).to(dtype)
+    scores, idx = kernels.knn_search(queries, db, k, start, exclude_self, slices)
+    want_s, want_i = knn.knn_search_reference(queries.float(), db.float(), k, query_start=start,
+                                              exclude_self=exclude_self)
+    assert torch.equal(idx, want_i)
+    assert torch.equal(scores, want_s)
+
+
+def test_slice_count_fills_the_gpu():
+    pytest.importorskip("triton")
+    if not TRITON_CPU:
+        pytest.skip("grasp_kernels.knn needs the Triton interpreter here")
+    from grasp_kernels import knn as kernels
+
+    sms, k = 132, 10
+    for q in (1, 5, 64, 1000, 100_000, 1_000_000):
+        for n in (1000, 1_000_000):
+            s = kernels.slice_count(q, n, k, sms)
+            room = min(-(-n // kernels._MIN_SLICE_ROWS), kernels._MAX_PARTIAL_BYTES // (8 * q * k))
+            assert 1 <= s <= max(1, room)
+            programs = -(-q // kernels._NOMINAL_BLOCK_Q) * s
+            assert programs >= kernels._PROGRAMS_PER_SM * sms or s == max(1, room), (q, n, s)
+            # No more slices than needed: one fewer would not reach the target.
+            assert s == 1 or -(-q // kernels._NOMINAL_BLOCK_Q) * (s - 1) < kernels._PROGRAMS_PER_SM * sms
+    assert kernels.slice_count(1_000_000, 1_000_000, k, sms) == 1
+    assert kernels.slice_count(4, 1_000_000, k, sms) > 100
+    assert kernels.slice_count(4, 100, k, None) == kernels._INTERPRET_SLICES
+
+
+@needs_triton
+def test_triton_search_rejects_bad_arguments():
+    from grasp_kernels import knn as kernels
+
+    x = torch.randn(10, 4)
+    for slices in (-1, 65536):
+        with pytest.raises(ValueError, match=r"slices must be in \[0, 65535\]"):
+            kernels.knn_search(x, x, 2, 0, False, slices)
+    with pytest.raises(ValueError, match=r"k = 11 must be in \[1, n = 10\]"):
+        kernels.knn_search(x, x, 11, 0, False)
+    with pytest.raises(TypeError, match=r"db has dtype torch.float16"):
+        kernels.knn_search(x, x.half(), 2, 0, False)
+
+
+# ---- autotuning keys on buckets, not on exact sizes ----
+
+@needs_triton
+def test_autotuning_benchmarks_once_per_bucket(monkeypatch):
+    """Each kernel behind an autotuner of two configs with the module's key and pruner; a sweep of
+    query counts and database sizes benchmarks once per power-of-two bucket, not once per size."""
+    import triton
+
+    from grasp_kernels import knn as kernels
+
+    benchmarks = {"search": 0, "merge": 0, "gather": 0}
+
+    def tuner(name, kernel, configs, key, prune):
+        def bench(kernel_call, quantiles):
+            benchmarks[name] += 1
+            kernel_call()
+            return [1.0, 1.0, 1.0]
+
+        return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
+                               do_bench=bench)(kernel.fn)
+
+    config = triton.Config
+    monkeypatch.setattr(kernels, "_knn_search_kernel", tuner(
+        "search", kernels._knn_search_kernel,
+        [config({"BLOCK_Q": 16, "BLOCK_N": 32, "BLOCK_D": 16}), config({"BLOCK_Q": 16, "BLOCK_N": 16, "BLOCK_D": 16})],
+        kernels._SEARCH_KEY, kernels._prune_search_configs))
+    monkeypatch.setattr(kernels, "_knn_merge_kernel", tuner(
+        "merge", kernels._knn_merge_kernel,
+        [config({"BLOCK_Q": 16, "BLOCK_M": 16}), config({"BLOCK_Q": 16, "BLOCK_M": 32})],
+        kernels._MERGE_KEY, kernels._prune_merge_configs))
+    monkeypatch.setattr(kernels, "_gather_mean_kernel", tuner(
+        "gather", kernels._gather_mean_kernel,
+        [config({"BLOCK_R": 16, "BLOCK_D": 32}), config({"BLOCK_R": 16, "BLOCK_D": 16})],
+        kernels._GATHER_KEY, kernels._prune_gather_configs))
+
+    db = torch.randn(70, 8)
+    sizes = [(q, n) for q in (17, 19, 23, 29, 31) for n in (49, 53, 59, 61, 67)]
+    for q, n in sizes:
+        queries = torch.randn(q, 8)
+        _, idx = kernels.knn_search(queries, db[:n], 3, 0, False)
+        kernels.gather_mean(db[:n], idx)
+    # Buckets: queries 32; rows per slice (3 slices of 17..23 rows) 32; one dtype and flags.
+    assert benchmarks == {"search": 2, "merge": 2, "gather": 2}, benchmarks
+    # A new bucket benchmarks once more; a new size within it does not.
+    kernels.knn_search(torch.randn(5, 8), db, 3, 0, False)
+    kernels.knn_search(torch.randn(6, 8), db, 3, 0, False)
+    assert benchmarks["search"] == 4 and benchmarks["merge"] == 4, benchmarks
+
+
+# ---- launches run on the tensors' device ----
+
+class _CurrentDevice:
+    """Stands in for torch.cuda.device on a machine without a GPU: records the current device index."""
+
+    current: int | None = None
+
+    def __init__(self, device):
+        self.index = torch.device(device).index
+
+    def __enter__(self):
+        self.previous, _CurrentDevice.current = _CurrentDevice.current, self.index
+
+    def __exit__(self, *exc):
+        _CurrentDevice.current = self.previous
+
+
+@needs_triton
+def test_triton_launches_on_the_tensors_device(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from grasp_kernels import knn as kernels
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, _CurrentDevice.current))
+
+    monkeypatch.setattr(torch.cuda, "device", _CurrentDevice)
+    for name in ("_knn_search_kernel", "_knn_merge_kernel", "_gather_mean_kernel"):
+        monkeypatch.setattr(kernels, name, Recorder(name))
+    with FakeTensorMode():
+        x = torch.empty(100, 16, device="cuda:1")
+        _, idx = kernels.knn_search(x, x, 5, 0, True, 2)
+        kernels.gather_mean(x, idx)
+    assert launches == [("_knn_search_kernel", 1), ("_knn_merge_kernel", 1), ("_gather_mean_kernel", 1)]
+    assert _CurrentDevice.current is None
+
+
+def test_faiss_gpu_search_runs_on_the_tensors_device(monkeypatch):
+    faiss = pytest.importorskip("faiss")
+    import types
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from grasp.ops import _knn_faiss
+
+    calls = []
+
+    def knn_gpu(res, xq, xb, k, metric=None, device=-1):
+        calls.append((res, device, _CurrentDevice.current))
+        return xq.new_zeros((xq.shape[0], k)), xq.new_zeros((xq.shape[0], k), dtype=torch.int64)
+
+    # faiss.contrib.torch_utils would patch faiss for torch tensors: an empty stand-in is "imported".
+    monkeypatch.setitem(sys.modules, "faiss.contrib.torch_utils", types.ModuleType("faiss.contrib.torch_utils"))
+    monkeypatch.setattr(faiss, "knn_gpu", knn_gpu, raising=False)
+    monkeypatch.setattr(_knn_faiss, "has_gpu", lambda: True)
+    monkeypatch.setattr(_knn_faiss, "_gpu_resources", lambda index: f"resources of GPU {index}")
+    monkeypatch.setattr(torch.cuda, "device", _CurrentDevice)
+    with FakeTensorMode():
+        x = torch.empty(50, 8, device="cuda:1")
+        scores, idx = _knn_faiss._raw_search(x, x, 4)
+    assert calls == [("resources of GPU 1", 1, 1)]
+    assert idx.shape == (50, 4) and idx.device == torch.device("cuda:1")
+
+
+# ---- autocast ----
+
+AUTOCAST_DTYPE = {"cpu": torch.bfloat16, "cuda": torch.float16}
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_autocast_is_ignored(device, backend):
+    n = 60 if (device, backend) in INTERPRETED else 400
+    x = torch.randn(n, 24, device=device)
+    for metric in ("cosine", "ip"):
+        want = grasp.ops.topk_neighbor_mean(x, 5, metric=metric, return_indices=True, backend=backend)
+        with torch.autocast(device, dtype=AUTOCAST_DTYPE[device]):
+            got = grasp.ops.topk_neighbor_mean(x, 5, metric=metric, return_indices=True, backend=backend)
+        assert got[0].dtype == x.dtype and got[2].dtype == torch.float32
+        assert torch.equal(got[1], want[1])
+        assert torch.equal(got[2], want[2])
+        assert torch.equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if not knn.backend_reason(d, d)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpp_knn_search_ignores_autocast(device, dtype):
+    queries = torch.randn(50, 64, dtype=dtype, device=device)
+    db = torch.randn(3000, 64, dtype=dtype, device=device)
+    want = torch.ops.grasp.knn_search(queries, db, 5, 0, False)
+    with torch.autocast(device, dtype=AUTOCAST_DTYPE[device]):
+        got = torch.ops.grasp.knn_search(queries, db, 5, 0, False)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# ---- the fast path: proof bound, rescoring chunks, re-search route ----
+
+@pytest.mark.parametrize("D", [3, 48, 384, 1536])
+def test_proof_bound_covers_both_roundings(D):
+    """|approximate - exact| + |rescored - exact| <= _proof_bound for every candidate, on rows of mixed
+    magnitudes (the approximate scores here come from float32 matmuls of bfloat16 copies, as on CPU)."""
+    q = torch.randn(40, D) * torch.logspace(-3, 3, 40).unsqueeze(1)
+    db = torch.randn(500, D) * torch.logspace(-2, 2, 500)[torch.randperm(500)].unsqueeze(1)
+    db[7] = db[3]
+    approx, cand = knn.knn_search_reference(q.bfloat16(), db.bfloat16(), 50, exclude_self=False)
+    rescored = knn._rescore(q, db, cand)
+    exact = (q.double().unsqueeze(1) * db.double()[cand]).sum(-1)
+    q_norms = torch.linalg.vector_norm(q, dim=1, dtype=torch.float64)
+    bound = knn._proof_bound(torch.bfloat16, D, q_norms, torch.linalg.vector_norm(db, dim=1, dtype=torch.float64).max())
+    error = (approx.double() - exact).abs() + (rescored.double() - exact).abs()
+    assert (error <= bound.unsqueeze(1)).all()
+    # and a usable one: for unit rows within 1.5 times the bfloat16 rounding term 2u = 2^-7
+    unit = torch.ones(1, dtype=torch.float64)
+    assert knn._proof_bound(torch.bfloat16, D, unit, unit[0]).item() < 1.5 * 2.0**-7
+
+
+def test_rescoring_in_chunks(monkeypatch):
+    q, db = torch.randn(37, 24), torch.randn(300, 24)
+    cand = torch.randint(0, 300, (37, 70))
+    whole = (q.unsqueeze(1) * db[cand]).sum(-1)
+    monkeypatch.setattr(knn, "RESCORE_BYTES", 3 * 8 * 70 * 24)  # three rows per chunk
+    torch.testing.assert_close(knn._rescore(q, db, cand), whole, atol=1e-6, rtol=0)
+
+
+def test_research_route(monkeypatch):
+    """Triton on a GPU re-searches with a float32 matmul (the reference search) from D = 128 on, while
+    TF32 cannot reach it; otherwise with the backend's own float32 search."""
+    calls = []
+
+    def search(queries, db, k, start, excl):
+        calls.append((k, start, excl))
+        return knn.knn_search_reference(queries, db, k, query_start=start, exclude_self=excl)
+
+    queries, db = torch.randn(6, 160), torch.randn(90, 160)
+    want = knn.knn_search_reference(queries, db, 4, exclude_self=False)
+    for ieee in (True, False):
+        monkeypatch.setattr(knn, "_fp32_matmul_is_ieee", lambda ieee=ieee: ieee)
+        for backend, device, D, matmul in (("triton", "cuda", 160, ieee), ("triton", "cuda", 64, False),
+                                           ("cuda", "cuda", 160, False), ("triton", "cpu", 160, False)):
+            calls.clear()
+            s, i = knn._research_fn(backend, device, search, D)(queries, db, 4)
+            assert calls == ([] if matmul else [(4, 0, False)])
+            assert torch.equal(i, want[1])
+
+
+def test_fp32_matmul_setting_is_read():
+    before = torch.backends.cuda.matmul.fp32_precision
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        assert not knn._fp32_matmul_is_ieee()
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        assert knn._fp32_matmul_is_ieee()
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+
+
+@needs_triton
+def test_fast_search_through_the_sliced_triton_kernel(monkeypatch):
+    """The fast path with the Triton kernel's bfloat16 candidates over 4 slices, self excluded for a
+    slice of the rows, the unproven rows re-searched by the matmul route: equal to the float32 search."""
+    from grasp_kernels import knn as kernels
+
+    monkeypatch.setattr(kernels, "_INTERPRET_SLICES", 4)
+    centers = torch.randn(2, 24)  # clusters larger than the candidate list: proofs fail
+    x = centers.repeat_interleave(100, 0) + 1e-3 * torch.randn(200, 24)
+    x[101] = x[130]  # an exact tie (row 101 is a query)
+    db32 = x / x.norm(dim=1, keepdim=True)
+    norms = torch.linalg.vector_norm(db32, dim=1, dtype=torch.float64)
+    search = knn._search_fn("triton")
+    monkeypatch.setattr(knn, "_fp32_matmul_is_ieee", lambda: True)
+    research = knn._research_fn("triton", "cuda", search, 128)
+    queries = db32[90:122].contiguous()
+    for k in (1, 5):
+        want_s, want_i = knn.knn_search_reference(queries, db32, k, query_start=90, exclude_self=True)
+        s, i, redone = knn._fast_search(search, queries, db32, db32.bfloat16(), k, 90, True, norms[90:122],
+                                        norms.max(), research)
+        assert redone > 0, "near-tie data must make some proofs fail"
+        assert not (i == torch.arange(90, 122).unsqueeze(1)).any()
+        torch.testing.assert_close(s, want_s, atol=TOL, rtol=0)
+        agree = (i.unsqueeze(2) == want_i.unsqueeze(1)).any(2).float().mean().item()
+        assert agree > 0.99, f"fast/highest neighbour agreement {agree}"

@@ -23,6 +23,8 @@
 //
 // Precision: float32 and float16/bfloat16 (upcast tile by tile) use float32
 // products, float64 uses float64 products; scores are returned as float32.
+// Autocast is excluded inside the op, so an enclosing torch.autocast cannot turn
+// the tile matmuls into 16-bit ones.
 //
 // gather_mean: one task per block of query rows, accumulating in float32
 // (float64 for float64 x).
@@ -31,6 +33,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -299,6 +302,9 @@ std::tuple<at::Tensor, at::Tensor> knn_search_cpu(const at::Tensor& queries, con
   TORCH_CHECK(k >= 1 && k <= n - (exclude_self ? 1 : 0), "knn_search (cpu): k = ", k,
               " out of range for n = ", n, exclude_self ? " with exclude_self" : "");
   TORCH_CHECK(query_start >= 0, "knn_search (cpu): query_start must be >= 0, got ", query_start);
+  // The tiles are multiplied in the inputs' precision whatever autocast says (worker threads start
+  // without autocast; this covers the calling thread, which takes tasks too).
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   at::Tensor scores = at::empty({q, k}, queries.options().dtype(at::kFloat));
   at::Tensor indices = at::empty({q, k}, queries.options().dtype(at::kLong));
   if (q == 0) return {scores, indices};

@@ -25,11 +25,13 @@
 //            recomputes z and writes: a = exp(z - m) / S, and in the backward
 //            dz = a * (da - T / S). A fully masked row has S = 0: all gates 0.
 //   A [B, d] user gets grad_user[b] = sum_l ds1[b, l] * item[b, l] (likewise
-//   user_sim): the gate kernel stores the per-position scalars ds1, ds2 in a
-//   [B, L, 2] accumulator-type scratch and a second kernel reduces over l in a
-//   fixed order. No atomics anywhere, so results are deterministic.
+//   user_sim) inside the backward kernel, so item and item_sim are read once:
+//   its backward takes one block per row b for either activation; each lane
+//   sums its chunks over the positions its team visits in registers, then the
+//   teams of a warp are summed by shuffles and the warps in warp order through
+//   shared memory. No atomics anywhere, so results are deterministic.
 //
-// Masked positions write exact zeros (output, gradients, ds) without reading
+// Masked positions write exact zeros (output and gradients) without reading
 // their values. Accumulation is in at::opmath_type (float, double for double).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -56,6 +58,13 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+
+// Second __launch_bounds__ argument (0: none). Left free, ptxas trades a few
+// registers for occupancy and spills some kernels (down to 64 registers); 1
+// block per SM lifts that where spills appeared: the backward of a [B, d]
+// user, whose lanes hold CH > 0 chunks of sums in registers, and float64.
+template <typename acc_t, int CH>
+constexpr int kMinBlocks = (CH > 0 || sizeof(acc_t) == 8) ? 1 : 0;
 
 // ---------------------------------------------------------------------------
 // Vector memory access: VEC consecutive elements in one aligned access.
@@ -280,7 +289,7 @@ __device__ __forceinline__ void team_scores_and_da(const Rows<T>& r, const T* g,
 // Forward: out [B, L, 4d]. SOFTMAX launches one block per row, sigmoid any grid.
 
 template <typename T, typename acc_t, int VEC, bool SOFTMAX>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks<acc_t, 0>)
     hae_forward_kernel(const Inputs<T> in, T* __restrict__ out, int64_t positions, int team,
                        Scales sc) {
   const int64_t d = in.d;
@@ -354,25 +363,234 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------
-// Backward, gate part: grad_item, grad_item_sim, and either grad_user /
-// grad_user_sim ([B, L, d] user) or the scratch ds [B, L, 2] ([B, d] user).
+// Backward. The gates and their gradients per position, then grad_item,
+// grad_item_sim and the user's gradient: written per position for a
+// [B, L, d] user, summed over the row inside the block for a [B, d] user.
 
-template <typename T, typename acc_t>
+template <typename T>
 struct Grads {
   T* user;
   T* user_sim;
   T* item;
   T* item_sim;
-  acc_t* ds;  // [positions, 2]; used only when the user is broadcast over L
 };
 
+// The gates a of one real position and the gradients ds1, ds2 of its scores
+// s1 = <u, i>, s2 = <ū, ī>.
+template <typename acc_t>
+struct PositionGrad {
+  acc_t a[3];
+  acc_t ds1, ds2;
+};
+
+template <bool SOFTMAX, typename acc_t>
+__device__ __forceinline__ PositionGrad<acc_t> position_grad(acc_t s1, acc_t s2,
+                                                            const acc_t (&da)[3],
+                                                            const Online<acc_t> (&st)[3],
+                                                            const Scales& sc) {
+  const Logits<acc_t> lg = logits(s1, s2, sc);
+  PositionGrad<acc_t> pg;
+  acc_t dz[3];
+#pragma unroll
+  for (int x = 0; x < 3; ++x) {
+    if constexpr (SOFTMAX) {
+      pg.a[x] = exp_acc(lg.z[x] - st[x].m) / st[x].s;  // s >= 1: this row has a real position
+      dz[x] = pg.a[x] * (da[x] - st[x].t / st[x].s);
+    } else {
+      pg.a[x] = sigmoid(lg.z[x]);
+      dz[x] = da[x] * pg.a[x] * (acc_t(1) - pg.a[x]);
+    }
+  }
+  const acc_t inv_d = static_cast<acc_t>(sc.inv_sqrt_d);
+  const acc_t inv_2d = static_cast<acc_t>(sc.inv_sqrt_2d);
+  pg.ds1 = dz[0] * inv_d + dz[2] * inv_2d;
+  pg.ds2 = dz[1] * inv_d + dz[2] * inv_2d;
+  return pg;
+}
+
+// grad_item and grad_item_sim of the VEC-wide chunk at column e of a real
+// position (g: its grad_out row; gi, gis: its gradient rows). Returns the
+// chunk of item and item_sim in i and is, for the user's gradient.
+template <int VEC, typename T, typename acc_t>
+__device__ __forceinline__ void item_grads_chunk(const Rows<T>& r, const T* g, T* gi, T* gis,
+                                                 int64_t d, int64_t e,
+                                                 const PositionGrad<acc_t>& pg, acc_t (&i)[VEC],
+                                                 acc_t (&is)[VEC]) {
+  acc_t u[VEC], us[VEC], g1[VEC], g2[VEC], g3[VEC], g4[VEC], y[VEC];
+  load<VEC>(r.u + e, u);
+  load<VEC>(r.us + e, us);
+  load<VEC>(g + e, g1);
+  load<VEC>(g + d + e, g2);
+  load<VEC>(g + 2 * d + e, g3);
+  load<VEC>(g + 3 * d + e, g4);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) y[k] = pg.a[0] * g1[k] + pg.a[2] * g3[k] + pg.ds1 * u[k];
+  store<VEC>(gi + e, y);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) y[k] = pg.a[1] * g2[k] + pg.a[2] * g4[k] + pg.ds2 * us[k];
+  store<VEC>(gis + e, y);
+  load<VEC>(r.i + e, i);
+  load<VEC>(r.is + e, is);
+}
+
+// Second pass for a [B, L, d] user: every position writes its four gradients.
 template <typename T, typename acc_t, int VEC, bool SOFTMAX>
-__global__ void __launch_bounds__(kThreads)
-    hae_backward_kernel(const T* __restrict__ grad_out, const Inputs<T> in, Grads<T, acc_t> gr,
-                        int64_t positions, int team, Scales sc) {
+__device__ __forceinline__ void backward_per_position(const T* grad_out, const Inputs<T>& in,
+                                                      const Grads<T>& gr, const Schedule& s,
+                                                      int team, const Online<acc_t> (&st)[3],
+                                                      const Scales& sc) {
   const int64_t d = in.d;
   const int64_t cols = d / VEC;
-  const Schedule s(SOFTMAX, positions, in.L, team);
+  for (int64_t base = s.first; base < s.end; base += s.step) {
+    const int64_t p = base + s.slot;
+    const bool valid = p < s.end;
+    const bool active = valid && in.real(p);
+    const Rows<T> r = active ? in.rows(p) : Rows<T>{};
+    const T* g = active ? grad_out + p * 4 * d : nullptr;
+    acc_t s1, s2, da[3];
+    team_scores_and_da<VEC>(r, g, d, cols, s.rank, team, active, s1, s2, da);
+    if (!valid) continue;  // after the shuffles: the whole warp took part
+
+    T* gi = gr.item + p * d;
+    T* gis = gr.item_sim + p * d;
+    T* gu = gr.user + p * d;
+    T* gus = gr.user_sim + p * d;
+    if (!active) {
+      acc_t zero[VEC] = {};
+      for (int64_t c = s.rank; c < cols; c += team) {
+        store<VEC>(gi + c * VEC, zero);
+        store<VEC>(gis + c * VEC, zero);
+        store<VEC>(gu + c * VEC, zero);
+        store<VEC>(gus + c * VEC, zero);
+      }
+      continue;
+    }
+    const PositionGrad<acc_t> pg = position_grad<SOFTMAX>(s1, s2, da, st, sc);
+    for (int64_t c = s.rank; c < cols; c += team) {
+      const int64_t e = c * VEC;
+      acc_t i[VEC], is[VEC], y[VEC];
+      item_grads_chunk<VEC>(r, g, gi, gis, d, e, pg, i, is);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) y[k] = pg.ds1 * i[k];
+      store<VEC>(gu + e, y);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) y[k] = pg.ds2 * is[k];
+      store<VEC>(gus + e, y);
+    }
+  }
+}
+
+// Second pass for a [B, d] user over the chunks [c0, c1) of row b = blockIdx.x
+// (c1 - c0 <= team * CH): grad_item and grad_item_sim of those chunks, and
+// grad_user[b] = sum_l ds1[l] * item[b, l] (grad_user_sim likewise with ds2,
+// item_sim). Lane `rank` of a team owns the chunks c0 + rank + k * team,
+// k < CH, and sums them over the positions its team visits in registers; the
+// teams of a warp are then summed by butterflies and the warps in warp order
+// through shared memory. The order is fixed, so the result is deterministic.
+// Every thread of the block must call it.
+template <typename T, typename acc_t, int VEC, bool SOFTMAX, int CH>
+__device__ __forceinline__ void backward_user_row(const T* grad_out, const Inputs<T>& in, const Grads<T>& gr,
+                                  const Schedule& s, int team, const Online<acc_t> (&st)[3],
+                                  const Scales& sc, int64_t c0, int64_t c1) {
+  const int64_t d = in.d;
+  const int64_t cols = d / VEC;
+  acc_t gu[CH][VEC] = {};
+  acc_t gus[CH][VEC] = {};
+  for (int64_t base = s.first; base < s.end; base += s.step) {
+    const int64_t p = base + s.slot;
+    const bool valid = p < s.end;
+    const bool active = valid && in.real(p);
+    const Rows<T> r = active ? in.rows(p) : Rows<T>{};
+    const T* g = active ? grad_out + p * 4 * d : nullptr;
+    acc_t s1, s2, da[3];
+    team_scores_and_da<VEC>(r, g, d, cols, s.rank, team, active, s1, s2, da);
+    if (!valid) continue;  // after the shuffles: the whole warp took part
+
+    T* gi = gr.item + p * d;
+    T* gis = gr.item_sim + p * d;
+    if (!active) {
+      acc_t zero[VEC] = {};
+#pragma unroll
+      for (int k = 0; k < CH; ++k) {
+        const int64_t c = c0 + s.rank + static_cast<int64_t>(k) * team;
+        if (c < c1) {
+          store<VEC>(gi + c * VEC, zero);
+          store<VEC>(gis + c * VEC, zero);
+        }
+      }
+      continue;
+    }
+    const PositionGrad<acc_t> pg = position_grad<SOFTMAX>(s1, s2, da, st, sc);
+#pragma unroll
+    for (int k = 0; k < CH; ++k) {
+      const int64_t c = c0 + s.rank + static_cast<int64_t>(k) * team;
+      if (c < c1) {
+        acc_t i[VEC], is[VEC];
+        item_grads_chunk<VEC>(r, g, gi, gis, d, c * VEC, pg, i, is);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          gu[k][v] += pg.ds1 * i[v];
+          gus[k][v] += pg.ds2 * is[v];
+        }
+      }
+    }
+  }
+
+  // Teams of a warp: lanes of equal rank own the same chunks. Each butterfly
+  // step adds the same two values on both partner lanes, so all of them end
+  // with the same bits.
+  for (int off = team; off < 32; off <<= 1) {
+#pragma unroll
+    for (int k = 0; k < CH; ++k) {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        gu[k][v] += __shfl_xor_sync(kFullMask, gu[k][v], off);
+        gus[k][v] += __shfl_xor_sync(kFullMask, gus[k][v], off);
+      }
+    }
+  }
+
+  // Warps, in warp order: the first team of warp w adds its sums to `total`
+  // (element j = chunk offset from c0 * VEC + v), then the block writes it out.
+  __shared__ acc_t total[2][32 * CH * VEC];
+  const bool first_team = (threadIdx.x & 31) < team;
+  for (int w = 0; w < kWarps; ++w) {
+    if ((threadIdx.x >> 5) == w && first_team) {
+#pragma unroll
+      for (int k = 0; k < CH; ++k) {
+        const int64_t c = s.rank + static_cast<int64_t>(k) * team;
+        if (c0 + c < c1) {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) {
+            const int64_t j = c * VEC + v;
+            total[0][j] = w == 0 ? gu[k][v] : total[0][j] + gu[k][v];
+            total[1][j] = w == 0 ? gus[k][v] : total[1][j] + gus[k][v];
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * d + c0 * VEC;
+  for (int64_t j = threadIdx.x; j < (c1 - c0) * VEC; j += kThreads) {
+    gr.user[row + j] = static_cast<T>(total[0][j]);
+    gr.user_sim[row + j] = static_cast<T>(total[1][j]);
+  }
+  __syncthreads();  // `total` is reused by the next column pass
+}
+
+// CH = 0: [B, L, d] user. Softmax launches one block per row, sigmoid any grid.
+// CH > 0: [B, d] user, one block per row. The row's chunks are covered in
+// column passes of team * CH chunks (one pass unless d > 32 * CH * VEC); each
+// pass recomputes the scores, so a wide row re-reads its inputs once per pass.
+template <typename T, typename acc_t, int VEC, bool SOFTMAX, int CH>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<acc_t, CH>)
+    hae_backward_kernel(const T* __restrict__ grad_out, const Inputs<T> in, Grads<T> gr,
+                        int64_t positions, int team, Scales sc) {
+  constexpr bool kUserRow = CH > 0;
+  const int64_t d = in.d;
+  const int64_t cols = d / VEC;
+  const Schedule s(SOFTMAX || kUserRow, positions, in.L, team);
 
   Online<acc_t> st[3];
   if constexpr (SOFTMAX) {
@@ -394,128 +612,14 @@ __global__ void __launch_bounds__(kThreads)
     block_merge(st, team);
   }
 
-  const acc_t inv_d = static_cast<acc_t>(sc.inv_sqrt_d);
-  const acc_t inv_2d = static_cast<acc_t>(sc.inv_sqrt_2d);
-  for (int64_t base = s.first; base < s.end; base += s.step) {
-    const int64_t p = base + s.slot;
-    const bool valid = p < s.end;
-    const bool active = valid && in.real(p);
-    const Rows<T> r = active ? in.rows(p) : Rows<T>{};
-    const T* g = active ? grad_out + p * 4 * d : nullptr;
-    acc_t s1, s2, da[3];
-    team_scores_and_da<VEC>(r, g, d, cols, s.rank, team, active, s1, s2, da);
-    if (!valid) continue;  // after the shuffles: the whole warp took part
-
-    T* gi = gr.item + p * d;
-    T* gis = gr.item_sim + p * d;
-    T* gu = in.user_per_position ? gr.user + p * d : nullptr;
-    T* gus = in.user_per_position ? gr.user_sim + p * d : nullptr;
-    if (!active) {
-      acc_t zero[VEC] = {};
-      for (int64_t c = s.rank; c < cols; c += team) {
-        store<VEC>(gi + c * VEC, zero);
-        store<VEC>(gis + c * VEC, zero);
-        if (in.user_per_position) {
-          store<VEC>(gu + c * VEC, zero);
-          store<VEC>(gus + c * VEC, zero);
-        }
-      }
-      if (!in.user_per_position && s.rank == 0) {
-        gr.ds[2 * p] = acc_t(0);
-        gr.ds[2 * p + 1] = acc_t(0);
-      }
-      continue;
+  if constexpr (kUserRow) {
+    const int64_t span = static_cast<int64_t>(team) * CH;
+    for (int64_t c0 = 0; c0 < cols; c0 += span) {
+      const int64_t c1 = c0 + span < cols ? c0 + span : cols;
+      backward_user_row<T, acc_t, VEC, SOFTMAX, CH>(grad_out, in, gr, s, team, st, sc, c0, c1);
     }
-
-    const Logits<acc_t> lg = logits(s1, s2, sc);
-    acc_t a[3], dz[3];
-#pragma unroll
-    for (int x = 0; x < 3; ++x) {
-      if constexpr (SOFTMAX) {
-        a[x] = exp_acc(lg.z[x] - st[x].m) / st[x].s;  // s >= 1: this row has a real position
-        dz[x] = a[x] * (da[x] - st[x].t / st[x].s);
-      } else {
-        a[x] = sigmoid(lg.z[x]);
-        dz[x] = da[x] * a[x] * (acc_t(1) - a[x]);
-      }
-    }
-    const acc_t ds1 = dz[0] * inv_d + dz[2] * inv_2d;
-    const acc_t ds2 = dz[1] * inv_d + dz[2] * inv_2d;
-
-    for (int64_t c = s.rank; c < cols; c += team) {
-      const int64_t e = c * VEC;
-      acc_t u[VEC], us[VEC], g1[VEC], g2[VEC], g3[VEC], g4[VEC], y[VEC];
-      load<VEC>(r.u + e, u);
-      load<VEC>(r.us + e, us);
-      load<VEC>(g + e, g1);
-      load<VEC>(g + d + e, g2);
-      load<VEC>(g + 2 * d + e, g3);
-      load<VEC>(g + 3 * d + e, g4);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) y[k] = a[0] * g1[k] + a[2] * g3[k] + ds1 * u[k];
-      store<VEC>(gi + e, y);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) y[k] = a[1] * g2[k] + a[2] * g4[k] + ds2 * us[k];
-      store<VEC>(gis + e, y);
-      if (in.user_per_position) {
-        acc_t i[VEC], is[VEC];
-        load<VEC>(r.i + e, i);
-        load<VEC>(r.is + e, is);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) y[k] = ds1 * i[k];
-        store<VEC>(gu + e, y);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) y[k] = ds2 * is[k];
-        store<VEC>(gus + e, y);
-      }
-    }
-    if (!in.user_per_position && s.rank == 0) {
-      gr.ds[2 * p] = ds1;
-      gr.ds[2 * p + 1] = ds2;
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------
-// Backward, broadcast user: grad_user[b, j] = sum_l ds1[b, l] * item[b, l, j]
-// (and ds2 / item_sim for user_sim). Block (b, column tile of 32): warp w sums
-// the rows l = w, w + kWarps, ... for its 32 columns (coalesced), then warp 0
-// adds the kWarps partials in order.
-
-template <typename T, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    hae_user_grad_kernel(const acc_t* __restrict__ ds, const T* __restrict__ item,
-                         const T* __restrict__ item_sim, T* __restrict__ grad_user,
-                         T* __restrict__ grad_user_sim, int64_t L, int64_t d) {
-  __shared__ acc_t partial[2][kWarps][32];
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int64_t b = blockIdx.x;
-  for (int64_t c0 = static_cast<int64_t>(blockIdx.y) * 32; c0 < d;
-       c0 += static_cast<int64_t>(gridDim.y) * 32) {
-    const int64_t j = c0 + lane;
-    acc_t su = 0, sus = 0;
-    if (j < d) {
-      for (int64_t l = warp; l < L; l += kWarps) {
-        const int64_t p = b * L + l;
-        const acc_t w1 = ds[2 * p];
-        const acc_t w2 = ds[2 * p + 1];
-        if (w1 != acc_t(0)) su += w1 * static_cast<acc_t>(item[p * d + j]);
-        if (w2 != acc_t(0)) sus += w2 * static_cast<acc_t>(item_sim[p * d + j]);
-      }
-    }
-    partial[0][warp][lane] = su;
-    partial[1][warp][lane] = sus;
-    __syncthreads();
-    if (warp == 0 && j < d) {
-      for (int w = 1; w < kWarps; ++w) {
-        su += partial[0][w][lane];
-        sus += partial[1][w][lane];
-      }
-      grad_user[b * d + j] = static_cast<T>(su);
-      grad_user_sim[b * d + j] = static_cast<T>(sus);
-    }
-    __syncthreads();  // partial is reused by the next column tile
+  } else {
+    backward_per_position<T, acc_t, VEC, SOFTMAX>(grad_out, in, gr, s, team, st, sc);
   }
 }
 
@@ -627,28 +731,49 @@ void launch_forward(const Inputs<T>& in, T* out, int64_t B, bool softmax) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, typename acc_t, int VEC>
-void launch_backward(const T* grad_out, const Inputs<T>& in, const Grads<T, acc_t>& gr, int64_t B,
-                     bool softmax) {
-  const int64_t positions = B * in.L;
-  const int team = team_size(in.d / VEC);
-  const Scales sc = scales(in.d);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (softmax) {
-    hae_backward_kernel<T, acc_t, VEC, true>
-        <<<static_cast<unsigned>(B), kThreads, 0, stream>>>(grad_out, in, gr, positions, team, sc);
-  } else {
-    hae_backward_kernel<T, acc_t, VEC, false>
-        <<<static_cast<unsigned>(flat_blocks(positions, team)), kThreads, 0, stream>>>(
-            grad_out, in, gr, positions, team, sc);
-  }
+// Most chunks per lane that a [B, d] user's backward sums in registers in one
+// column pass: 16 accumulator-type values per lane for each of user and
+// user_sim, so one pass covers d <= 32 * 16 = 512 at every vector width.
+template <int VEC>
+constexpr int kMaxUserChunks = 16 / VEC;
+
+template <typename T, typename acc_t, int VEC, bool SOFTMAX, int CH>
+void launch_backward_kernel(const T* grad_out, const Inputs<T>& in, const Grads<T>& gr,
+                            int64_t blocks, int64_t positions, int team) {
+  hae_backward_kernel<T, acc_t, VEC, SOFTMAX, CH>
+      <<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          grad_out, in, gr, positions, team, scales(in.d));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (!in.user_per_position) {
-    const int64_t tiles = std::min<int64_t>((in.d + 31) / 32, 65535);
-    const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(tiles));
-    hae_user_grad_kernel<T, acc_t><<<grid, kThreads, 0, stream>>>(
-        gr.ds, in.item, in.item_sim, gr.user, gr.user_sim, in.L, in.d);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// A [B, d] user takes one block per row, with as few register chunks per lane
+// as its row needs (1, 2, or kMaxUserChunks and several passes beyond that).
+template <typename T, typename acc_t, int VEC, bool SOFTMAX>
+void launch_backward_act(const T* grad_out, const Inputs<T>& in, const Grads<T>& gr, int64_t B) {
+  const int64_t positions = B * in.L;
+  const int64_t cols = in.d / VEC;
+  const int team = team_size(cols);
+  const int64_t chunks = (cols + team - 1) / team;  // per lane, to cover the row in one pass
+  if (in.user_per_position) {
+    const int64_t blocks = SOFTMAX ? B : flat_blocks(positions, team);
+    launch_backward_kernel<T, acc_t, VEC, SOFTMAX, 0>(grad_out, in, gr, blocks, positions, team);
+  } else if (chunks == 1) {
+    launch_backward_kernel<T, acc_t, VEC, SOFTMAX, 1>(grad_out, in, gr, B, positions, team);
+  } else if (chunks == 2) {
+    launch_backward_kernel<T, acc_t, VEC, SOFTMAX, 2>(grad_out, in, gr, B, positions, team);
+  } else {
+    launch_backward_kernel<T, acc_t, VEC, SOFTMAX, kMaxUserChunks<VEC>>(grad_out, in, gr, B,
+                                                                        positions, team);
+  }
+}
+
+template <typename T, typename acc_t, int VEC>
+void launch_backward(const T* grad_out, const Inputs<T>& in, const Grads<T>& gr, int64_t B,
+                     bool softmax) {
+  if (softmax) {
+    launch_backward_act<T, acc_t, VEC, true>(grad_out, in, gr, B);
+  } else {
+    launch_backward_act<T, acc_t, VEC, false>(grad_out, in, gr, B);
   }
 }
 
@@ -711,16 +836,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hae_backward_cuda(
         using acc_t = at::opmath_type<scalar_t>;
         constexpr int kVec = 16 / sizeof(scalar_t);
         const auto in = make_inputs<scalar_t>(user, user_sim, item, item_sim, mask);
-        // Per-position ds1, ds2 for the reduction over l of a broadcast user.
-        at::Tensor ds;
-        if (!in.user_per_position) {
-          ds = at::empty({B * L, 2}, item.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-        }
-        const Grads<scalar_t, acc_t> gr{grad_user.data_ptr<scalar_t>(),
-                                        grad_user_sim.data_ptr<scalar_t>(),
-                                        grad_item.data_ptr<scalar_t>(),
-                                        grad_item_sim.data_ptr<scalar_t>(),
-                                        ds.defined() ? ds.data_ptr<acc_t>() : nullptr};
+        const Grads<scalar_t> gr{grad_user.data_ptr<scalar_t>(), grad_user_sim.data_ptr<scalar_t>(),
+                                 grad_item.data_ptr<scalar_t>(), grad_item_sim.data_ptr<scalar_t>()};
         const scalar_t* g = grad_out.data_ptr<scalar_t>();
         if (can_vectorise<scalar_t>(d, {in.user, in.user_sim, in.item, in.item_sim, g, gr.user,
                                         gr.user_sim, gr.item, gr.item_sim})) {

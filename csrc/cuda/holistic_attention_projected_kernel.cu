@@ -6,11 +6,16 @@
 //
 // One warp per pair; the warps of the grid stride over the N pairs (the loop bound is the same for every
 // lane of a warp, so all of them take part in every shuffle). Lanes cover d and e with a stride of 32 and
-// the dot products are summed with __shfl_xor_sync butterflies. Accumulation is in at::opmath_type (float;
-// double for double). The backward recomputes the gates and scatters each pair's contributions into
-// accumulator-type buffers with atomicAdd (several pairs share a user or an item row), which are cast to
-// the inputs' dtype afterwards; the order of the atomic adds varies, so it is not bitwise deterministic.
-// Indices are validated by the Python wrapper; the kernels assert them too. Double atomicAdd needs sm_60+.
+// the dot products are summed with __shfl_xor_sync butterflies (every lane ends with the same bits: each
+// step adds the same two values). Accumulation is in at::opmath_type (float; double for double).
+//
+// The backward is deterministic and has no atomics (the segmented reduction of the CPU and Triton kernels):
+// (1) a warp per pair recomputes the gates and writes them with the logits' gradients ds1, ds2 to a small
+// [N, 5] buffer; (2) the pairs are sorted by item and by user (at::sort, stable) with each row's offsets
+// (at::searchsorted); (3) the sorted pairs are cut into chunks of equal length, a warp per chunk and 32
+// columns sums each row's pairs in sorted order, so a row that holds most of the pairs is spread over many
+// warps; rows that cross a chunk boundary leave partial sums, which (4) a combine kernel adds in a fixed order.
+// Indices are validated by the Python wrapper; the kernels assert them too.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -65,7 +70,7 @@ struct Pair {
 };
 
 template <typename T, typename acc_t>
-__device__ __forceinline__ Pair<acc_t> pair(const Inputs<T>& in, int64_t n, int lane, acc_t c1, acc_t c2) {
+__device__ __forceinline__ Pair<acc_t> pair_gates(const Inputs<T>& in, int64_t n, int lane, acc_t c1, acc_t c2) {
   Pair<acc_t> p;
   p.r = in.user_index[n];
   p.j = in.item_index[n];
@@ -91,7 +96,7 @@ __global__ void __launch_bounds__(kThreads)
     gather_forward_kernel(Inputs<T> in, T* __restrict__ out, acc_t c1, acc_t c2) {
   const int lane = threadIdx.x & 31;
   for (int64_t n = first_warp(); n < in.N; n += warp_stride()) {
-    const Pair<acc_t> p = pair<T, acc_t>(in, n, lane, c1, c2);
+    const Pair<acc_t> p = pair_gates<T, acc_t>(in, n, lane, c1, c2);
     const T* v = in.values + p.j * 3 * in.e;
     for (int64_t k = lane; k < in.e; k += 32) {
       out[n * in.e + k] = static_cast<T>(p.a[0] * static_cast<acc_t>(v[k]) +
@@ -101,22 +106,19 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename acc_t>
-struct Grads {
-  acc_t* user;
-  acc_t* user_sim;
-  acc_t* item;
-  acc_t* item_sim;
-  acc_t* values;
-};
+// ---- backward: per-pair scalars, then segmented sums by item and by user (no atomics) ----
+
+// Row n of the [N, kPairStride] buffer `pair`: a_self, a_sim, a_glob, ds1 = dL/ds1, ds2 = dL/ds2.
+constexpr int kPairStride = 5;
+constexpr int kGates = 0, kLogits = 3;
 
 template <typename T, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    gather_backward_kernel(const T* __restrict__ grad_out, Inputs<T> in, Grads<acc_t> gr, acc_t c1, acc_t c2) {
+    gather_pairs_kernel(const T* __restrict__ grad_out, Inputs<T> in, acc_t* __restrict__ pair, acc_t c1, acc_t c2) {
   const int lane = threadIdx.x & 31;
-  const int64_t d = in.d, e = in.e;
+  const int64_t e = in.e;
   for (int64_t n = first_warp(); n < in.N; n += warp_stride()) {
-    const Pair<acc_t> p = pair<T, acc_t>(in, n, lane, c1, c2);
+    const Pair<acc_t> p = pair_gates<T, acc_t>(in, n, lane, c1, c2);
     const T* g = grad_out + n * e;
     const T* v = in.values + p.j * 3 * e;
     acc_t dg[3] = {0, 0, 0};
@@ -125,23 +127,135 @@ __global__ void __launch_bounds__(kThreads)
       dg[0] += gk * static_cast<acc_t>(v[k]);
       dg[1] += gk * static_cast<acc_t>(v[e + k]);
       dg[2] += gk * static_cast<acc_t>(v[2 * e + k]);
-      acc_t* gv = gr.values + p.j * 3 * e;
-      atomicAdd(gv + k, p.a[0] * gk);
-      atomicAdd(gv + e + k, p.a[1] * gk);
-      atomicAdd(gv + 2 * e + k, p.a[2] * gk);
     }
     acc_t dz[3];
 #pragma unroll
     for (int x = 0; x < 3; ++x) dz[x] = warp_sum(dg[x]) * p.a[x] * (acc_t(1) - p.a[x]);
-    const acc_t ds1 = dz[0] * c1 + dz[2] * c2;
-    const acc_t ds2 = dz[1] * c1 + dz[2] * c2;
-    const T *u = in.user + p.r * d, *us = in.user_sim + p.r * d;
-    const T *i = in.item + p.j * d, *is = in.item_sim + p.j * d;
-    for (int64_t k = lane; k < d; k += 32) {
-      atomicAdd(gr.item + p.j * d + k, ds1 * static_cast<acc_t>(u[k]));
-      atomicAdd(gr.item_sim + p.j * d + k, ds2 * static_cast<acc_t>(us[k]));
-      atomicAdd(gr.user + p.r * d + k, ds1 * static_cast<acc_t>(i[k]));
-      atomicAdd(gr.user_sim + p.r * d + k, ds2 * static_cast<acc_t>(is[k]));
+    if (lane == 0) {
+      acc_t* row = pair + n * kPairStride;
+      row[0] = p.a[0];
+      row[1] = p.a[1];
+      row[2] = p.a[2];
+      row[kLogits] = dz[0] * c1 + dz[2] * c2;
+      row[kLogits + 1] = dz[1] * c1 + dz[2] * c2;
+    }
+  }
+}
+
+// The pairs grouped by a table's rows (items or users): `order` lists the pair ids row by row (stable),
+// `keys[q]` is the row of position q and `starts[s]..starts[s + 1]` the positions of row s.
+struct Groups {
+  const int64_t* keys;
+  const int64_t* order;
+  const int64_t* starts;
+};
+
+// K segmented sums over the pairs of each row s of a table: out_k[s] = sum_n pair[n, coef + k] table_k[row(n)],
+// W-wide, with row(n) = gather[n] (nullptr: n itself). out_k[s] is at out[k] + s * out_row_stride.
+template <typename T, typename acc_t, int K>
+struct SegmentSum {
+  Groups groups;
+  const int64_t* gather;
+  const acc_t* pair;
+  int coef;
+  const T* table[K];
+  T* out[K];
+  int64_t out_row_stride;
+  acc_t* partial;  // [chunks, 2 slots, K, W]: the sums of segments that cross a chunk boundary
+  int64_t N, W, chunk;
+};
+
+// Pairs loaded ahead of the sequential additions of a segment sum (the sum's order stays n by n).
+constexpr int kAhead = 8;
+
+// One warp per (chunk of `chunk` sorted positions, 32 columns): lane l sums column blockIdx.y * 32 + l of each
+// segment of the chunk, pair by pair in sorted order, so every sum has one order whatever the launch. A segment
+// that lies wholly in the chunk is written to its output row; one that crosses a chunk boundary leaves its
+// partial sum in slot 0 (the chunk's first segment) or 1 (its last).
+template <typename T, typename acc_t, int K>
+__global__ void __launch_bounds__(kThreads) segment_sum_kernel(SegmentSum<T, acc_t, K> a) {
+  const int64_t c = first_warp();
+  const int64_t col = static_cast<int64_t>(blockIdx.y) * 32 + (threadIdx.x & 31);
+  const int64_t lo = c * a.chunk;
+  if (lo >= a.N) return;
+  const int64_t hi = std::min(lo + a.chunk, a.N);
+  const bool live = col < a.W;
+  for (int64_t pos = lo; pos < hi;) {
+    const int64_t seg = a.groups.keys[pos], first = a.groups.starts[seg], last = a.groups.starts[seg + 1];
+    const int64_t end = std::min(last, hi);
+    acc_t acc[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) acc[k] = 0;
+    for (int64_t q0 = pos; q0 < end; q0 += kAhead) {
+      acc_t term[kAhead][K];
+#pragma unroll
+      for (int u = 0; u < kAhead; ++u) {
+        const int64_t q = q0 + u;
+        const bool ok = q < end;
+        const int64_t n = ok ? a.groups.order[q] : 0;
+        const int64_t row = a.gather ? (ok ? a.gather[n] : 0) : n;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          term[u][k] = ok && live ? a.pair[n * kPairStride + a.coef + k] *
+                                        static_cast<acc_t>(a.table[k][row * a.W + col])
+                                  : acc_t(0);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kAhead; ++u) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) acc[k] += term[u][k];
+      }
+    }
+    if (live) {
+      if (first >= lo && last <= hi) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) a.out[k][seg * a.out_row_stride + col] = static_cast<T>(acc[k]);
+      } else {
+        const int64_t slot = c * 2 + (pos > lo ? 1 : 0);
+#pragma unroll
+        for (int k = 0; k < K; ++k) a.partial[(slot * K + k) * a.W + col] = acc[k];
+      }
+    }
+    pos = end;
+  }
+}
+
+// One block per (chunk, 32 columns): the segment that starts in the chunk and runs past its end (if any) gets
+// the sum of its partial sums over the chunks it spans. Warp w sums the chunks c + w, c + w + 8, ... in turn,
+// then warp 0 adds the warps' sums in warp order: a fixed order, and a row that holds most of the pairs (as many
+// partial sums as chunks) is combined by eight warps.
+template <typename T, typename acc_t, int K>
+__global__ void __launch_bounds__(kThreads) segment_combine_kernel(SegmentSum<T, acc_t, K> a) {
+  const int64_t c = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t col = static_cast<int64_t>(blockIdx.y) * 32 + lane;
+  const int64_t lo = c * a.chunk, hi = std::min(lo + a.chunk, a.N);
+  const int64_t seg = a.groups.keys[hi - 1], first = a.groups.starts[seg], last = a.groups.starts[seg + 1];
+  if (first < lo || last <= hi) return;  // the same for the whole block
+  const int64_t final_chunk = (last - 1) / a.chunk;
+  acc_t acc[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) acc[k] = 0;
+  if (col < a.W) {
+#pragma unroll 4
+    for (int64_t p = c + warp; p <= final_chunk; p += kWarpsPerBlock) {
+      const int64_t slot = p * 2 + (p == c && first > lo ? 1 : 0);  // its slot in chunk c; slot 0 in the later ones
+#pragma unroll
+      for (int k = 0; k < K; ++k) acc[k] += a.partial[(slot * K + k) * a.W + col];
+    }
+  }
+  __shared__ acc_t sums[kWarpsPerBlock][K][32];
+#pragma unroll
+  for (int k = 0; k < K; ++k) sums[warp][k][lane] = acc[k];
+  __syncthreads();
+  if (warp == 0 && col < a.W) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      acc_t total = sums[0][k][lane];
+#pragma unroll
+      for (int w = 1; w < kWarpsPerBlock; ++w) total += sums[w][k][lane];
+      a.out[k][seg * a.out_row_stride + col] = static_cast<T>(total);
     }
   }
 }
@@ -205,12 +319,49 @@ at::Tensor hae_gather_forward_cuda(const at::Tensor& user, const at::Tensor& use
   return out;
 }
 
+// Sorted positions per chunk of the segmented sums: a power of two, at least kMinChunk, about kTargetChunks chunks
+// (enough warps to fill a large GPU whatever the skew: one row holding every pair spreads over all chunks).
+constexpr int64_t kTargetChunks = 4096, kMinChunk = 16;
+
+int64_t chunk_length(int64_t N) {
+  int64_t chunk = kMinChunk;
+  while (chunk * kTargetChunks < N) chunk *= 2;
+  return chunk;
+}
+
+// The pairs grouped by `index` (values in 0..rows-1): sorted keys, pair ids in that order (stable), offsets.
+struct GroupTensors {
+  at::Tensor keys, order, starts;
+  Groups view() const {
+    return {keys.data_ptr<int64_t>(), order.data_ptr<int64_t>(), starts.data_ptr<int64_t>()};
+  }
+};
+
+GroupTensors group_by(const at::Tensor& index, int64_t rows) {
+  auto [keys, order] = at::sort(index, /*stable=*/true);
+  at::Tensor starts = at::searchsorted(keys, at::arange(rows + 1, index.options()));
+  return {keys, order, starts};
+}
+
+// Launch the segmented sums of `a` and the combine of the segments that cross a chunk boundary.
+template <typename T, typename acc_t, int K>
+void launch_segment_sum(SegmentSum<T, acc_t, K> a, const at::Tensor& partial, cudaStream_t stream) {
+  const int64_t chunks = (a.N + a.chunk - 1) / a.chunk;
+  a.partial = partial.data_ptr<acc_t>();
+  const unsigned column_tiles = static_cast<unsigned>((a.W + 31) / 32);
+  const dim3 warp_per_chunk(static_cast<unsigned>((chunks + kWarpsPerBlock - 1) / kWarpsPerBlock), column_tiles);
+  segment_sum_kernel<T, acc_t, K><<<warp_per_chunk, kThreads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const dim3 block_per_chunk(static_cast<unsigned>(chunks), column_tiles);
+  segment_combine_kernel<T, acc_t, K><<<block_per_chunk, kThreads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Deterministic: no atomics, and every sum runs in an order fixed by the inputs (sorted pairs, fixed chunks).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hae_gather_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& user, const at::Tensor& user_sim, const at::Tensor& item,
     const at::Tensor& item_sim, const at::Tensor& values, const at::Tensor& user_index,
     const at::Tensor& item_index) {
-  // The atomic adds make the result depend on their order (torch.use_deterministic_algorithms refuses it).
-  at::globalContext().alertNotDeterministic("hae_gather_backward_cuda");
   check_inputs(user, user_sim, item, item_sim, values, user_index, item_index);
   const int64_t N = user_index.size(0), d = item.size(1), e = values.size(2);
   TORCH_CHECK(grad_out.device() == item.device() && grad_out.scalar_type() == item.scalar_type() &&
@@ -218,24 +369,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hae_gathe
               "hae_gather (CUDA): grad_out must be a contiguous [N, e] = [", N, ", ", e,
               "] tensor of the inputs' dtype and device, got ", grad_out.sizes());
   const c10::cuda::CUDAGuard guard(item.device());
+  at::Tensor gu = at::zeros_like(user), gus = at::zeros_like(user_sim), gi = at::zeros_like(item),
+             gis = at::zeros_like(item_sim), gv = at::zeros_like(values);
+  if (N == 0) return {gu, gus, gi, gis, gv};
   const auto acc_dtype = item.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor bufs[5];
-  const at::Tensor* inputs[5] = {&user, &user_sim, &item, &item_sim, &values};
-  for (int x = 0; x < 5; ++x) bufs[x] = at::zeros(inputs[x]->sizes(), item.options().dtype(acc_dtype));
-  if (N > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, item.scalar_type(), "hae_gather_backward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const auto in = make_inputs<scalar_t>(user, user_sim, item, item_sim, values, user_index, item_index);
-      const Grads<acc_t> gr{bufs[0].data_ptr<acc_t>(), bufs[1].data_ptr<acc_t>(), bufs[2].data_ptr<acc_t>(),
-                            bufs[3].data_ptr<acc_t>(), bufs[4].data_ptr<acc_t>()};
-      const acc_t c1 = acc_t(1) / std::sqrt(acc_t(d)), c2 = acc_t(1) / std::sqrt(acc_t(2 * d));
-      gather_backward_kernel<scalar_t, acc_t><<<blocks_for(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          grad_out.data_ptr<scalar_t>(), in, gr, c1, c2);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  const auto dtype = item.scalar_type();
-  return {bufs[0].to(dtype), bufs[1].to(dtype), bufs[2].to(dtype), bufs[3].to(dtype), bufs[4].to(dtype)};
+  const at::Tensor pair = at::empty({N, kPairStride}, item.options().dtype(acc_dtype));
+  const int64_t chunk = chunk_length(N), chunks = (N + chunk - 1) / chunk;
+  const GroupTensors by_item = group_by(item_index, item.size(0)), by_user = group_by(user_index, user.size(0));
+  const at::Tensor partial3 = at::empty({chunks, 2, 3, e}, item.options().dtype(acc_dtype));
+  const at::Tensor partial2 = at::empty({chunks, 2, 2, d}, item.options().dtype(acc_dtype));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, item.scalar_type(), "hae_gather_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto in = make_inputs<scalar_t>(user, user_sim, item, item_sim, values, user_index, item_index);
+    const acc_t c1 = acc_t(1) / std::sqrt(acc_t(d)), c2 = acc_t(1) / std::sqrt(acc_t(2 * d));
+    const scalar_t* go = grad_out.data_ptr<scalar_t>();
+    acc_t* pairs = pair.data_ptr<acc_t>();
+    gather_pairs_kernel<scalar_t, acc_t><<<blocks_for(N), kThreads, 0, stream>>>(go, in, pairs, c1, c2);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // grad values[j, x] = sum a_x[n] grad_out[n] over the pairs of item j.
+    scalar_t* gvp = gv.data_ptr<scalar_t>();
+    launch_segment_sum<scalar_t, acc_t, 3>(
+        {by_item.view(), nullptr, pairs, kGates, {go, go, go}, {gvp, gvp + e, gvp + 2 * e}, 3 * e, nullptr, N, e,
+         chunk},
+        partial3, stream);
+    // grad item[j] = sum ds1[n] user[r_n], grad item_sim[j] = sum ds2[n] user_sim[r_n].
+    launch_segment_sum<scalar_t, acc_t, 2>(
+        {by_item.view(), in.user_index, pairs, kLogits, {in.user, in.user_sim},
+         {gi.data_ptr<scalar_t>(), gis.data_ptr<scalar_t>()}, d, nullptr, N, d, chunk},
+        partial2, stream);
+    // grad user[r] = sum ds1[n] item[j_n], grad user_sim[r] = sum ds2[n] item_sim[j_n]. The stream orders this
+    // after the item sums, which read partial2 first.
+    launch_segment_sum<scalar_t, acc_t, 2>(
+        {by_user.view(), in.item_index, pairs, kLogits, {in.item, in.item_sim},
+         {gu.data_ptr<scalar_t>(), gus.data_ptr<scalar_t>()}, d, nullptr, N, d, chunk},
+        partial2, stream);
+  });
+  return {gu, gus, gi, gis, gv};
 }
 
 }  // namespace

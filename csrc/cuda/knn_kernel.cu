@@ -20,6 +20,8 @@
 //                    make cuBLAS accumulate in float16; the wrapper uses bfloat16.)
 //     float64        rows are rounded to float32 first (as the reference does) and
 //                    take the float32 path.
+//   Autocast is excluded inside the op, so these GEMMs keep their dtypes under an
+//   enclosing torch.autocast.
 //
 //   Per-query k-selection. The running top k of every query lives in the output
 //   tensors themselves (sorted best first; empty slots hold the sentinel
@@ -45,17 +47,22 @@
 //   score (running entries hold smaller indices than the block's and are already
 //   in (score desc, index asc) order, so a stable descending sort gives that order).
 //
-// gather_mean(x [n, D], indices [q, k]) -> [q, D] in x's dtype: block (r, column
-//   chunk) sums the k rows x[indices[r, j]] in j order, in at::opmath_type (float,
-//   double for double), with 16-byte loads when D and the pointers allow, and
-//   divides by k. Indices are range-checked on the host (a TORCH_CHECK, not a
-//   device assert that would poison the CUDA context).
+// gather_mean(x [n, D], indices [q, k]) -> [q, D] in x's dtype: every output
+//   row is cut into VEC-wide column chunks (16-byte loads when D and the pointers
+//   allow), one thread per chunk sums the k rows x[indices[r, j]] in j order, in
+//   at::opmath_type (float, double for double), and divides by k. A block holds
+//   as many whole rows as fit its 256 threads (5 rows of 48 chunks at D = 384 in
+//   bf16: 240 threads busy), so small D keeps the threads busy too; rows of more
+//   than 256 chunks are split over blockIdx.y in equal parts. Indices are
+//   range-checked on the host (a TORCH_CHECK, not a device assert that would
+//   poison the CUDA context).
 #include <ATen/ATen.h>
 #include <ATen/BlasBackend.h>
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/tunable/Tunable.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -383,6 +390,9 @@ std::tuple<at::Tensor, at::Tensor> knn_search_cuda(const at::Tensor& queries,
                                                     int64_t query_start, bool exclude_self) {
   check_search_inputs(queries, db, k, query_start, exclude_self);
   const c10::cuda::CUDAGuard guard(queries.device());
+  // The score blocks are float32 GEMMs (or float32-output 16-bit ones) whatever autocast says: under
+  // CUDA autocast at::mm would otherwise return float16 blocks.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t q = queries.size(0), n = db.size(0), D = queries.size(1);
   const auto opts = queries.options();
   // Running lists = outputs, initialised to the sentinel (-inf, INT64_MAX).
@@ -450,17 +460,22 @@ __device__ __forceinline__ void add_row(const T* p, acc_t (&acc)[VEC]) {
   for (int e = 0; e < VEC; ++e) acc[e] += static_cast<acc_t>(pk.v[e]);
 }
 
-// Block (r, y) covers the VEC-wide column chunks y * blockDim + tid, stepping by
-// gridDim.y * blockDim, of output row r. Rows are added in j order.
+// Thread t of block (bx, y) works on row bx * rows_per_block + t / row_threads and
+// on its column chunks y * row_threads + t % row_threads, stepping by
+// gridDim.y * row_threads. Rows are added in j order.
 template <typename T, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kMeanThreads)
     gather_mean_kernel(const T* __restrict__ x, const int64_t* __restrict__ indices,
-                       T* __restrict__ out, int64_t D, int64_t k) {
-  const int64_t r = blockIdx.x;
+                       T* __restrict__ out, int64_t q, int64_t D, int64_t k, int row_threads,
+                       int rows_per_block) {
+  const int row_in_block = static_cast<int>(threadIdx.x) / row_threads;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * rows_per_block + row_in_block;
+  if (r >= q) return;
   const int64_t chunks = D / VEC;
   const int64_t* idx = indices + r * k;
-  for (int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; c < chunks;
-       c += static_cast<int64_t>(gridDim.y) * blockDim.x) {
+  const int lane = static_cast<int>(threadIdx.x) - row_in_block * row_threads;
+  for (int64_t c = static_cast<int64_t>(blockIdx.y) * row_threads + lane; c < chunks;
+       c += static_cast<int64_t>(gridDim.y) * row_threads) {
     const int64_t col = c * VEC;
     acc_t acc[VEC];
 #pragma unroll
@@ -481,13 +496,25 @@ __global__ void __launch_bounds__(kMeanThreads)
   }
 }
 
+// Launch shape: rows of up to kMeanThreads chunks share a block (one thread per
+// chunk, as many whole rows as fit); longer rows take blockIdx.y parts of equal
+// size, at most kMeanThreads chunks each.
 template <typename T, typename acc_t, int VEC>
 void launch_gather_mean(const T* x, const int64_t* idx, T* out, int64_t q, int64_t D, int64_t k) {
   const int64_t chunks = D / VEC;
-  const int64_t ys = std::min<int64_t>((chunks + kMeanThreads - 1) / kMeanThreads, 65535);
-  const dim3 grid(static_cast<unsigned>(q), static_cast<unsigned>(ys));
-  gather_mean_kernel<T, acc_t, VEC>
-      <<<grid, kMeanThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(x, idx, out, D, k);
+  int64_t ys = 1, row_threads = chunks, rows_per_block = 1;
+  if (chunks > kMeanThreads) {
+    ys = std::min<int64_t>((chunks + kMeanThreads - 1) / kMeanThreads, 65535);
+    row_threads = std::min<int64_t>((chunks + ys - 1) / ys, kMeanThreads);
+  } else {
+    rows_per_block = kMeanThreads / chunks;
+  }
+  const int64_t threads = row_threads * rows_per_block;
+  const int64_t blocks = (q + rows_per_block - 1) / rows_per_block;
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(ys));
+  gather_mean_kernel<T, acc_t, VEC><<<grid, static_cast<unsigned>(threads), 0,
+                                      c10::cuda::getCurrentCUDAStream()>>>(
+      x, idx, out, q, D, k, static_cast<int>(row_threads), static_cast<int>(rows_per_block));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

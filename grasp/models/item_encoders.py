@@ -285,9 +285,9 @@ class GraspEnhancer(nn.Module):
         """The enhancement ``[N, d]`` of the pairs ``(u[rows[n]], i[cols[n]])`` of adapted users and items (a
         dropped branch is a zero block of the first layer's weight)."""
         first, rest = self.mlp[0], self.mlp[1:]
-        # Under autocast the adapters' outputs are in the autocast dtype; the layer's float32 parameters follow
-        # them, as nn.Linear's would.
-        weight, bias = first.weight.to(i.dtype), first.bias.to(i.dtype)
+        # Under autocast the op casts the adapters' outputs and the layer's parameters to the autocast dtype,
+        # as nn.Linear would.
+        weight, bias = first.weight, first.bias
         if self.keep is not None:
             weight = weight.new_zeros(weight.shape[0], 4 * self.d).index_copy(1, self.keep, weight)
         hidden = holistic_attention_projected(

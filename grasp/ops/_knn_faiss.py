@@ -1,10 +1,10 @@
 """The ``faiss`` backend of the neighbour search: faiss brute-force inner-product k-NN.
 
 CPU tensors go through ``faiss.knn`` (BLAS blocks plus heaps); CUDA tensors
-through ``faiss.knn_gpu`` when the faiss build has GPU support. faiss does not
-promise an order among equal scores, so the results are re-sorted by
-(score desc, index asc); which of several equal scores make the top k at the
-boundary is faiss's choice.
+through ``faiss.knn_gpu`` when the faiss build has GPU support, on the tensors'
+device and that device's current stream. faiss does not promise an order among
+equal scores, so the results are re-sorted by (score desc, index asc); which of
+several equal scores make the top k at the boundary is faiss's choice.
 """
 
 from __future__ import annotations
@@ -38,8 +38,12 @@ def _raw_search(queries: Tensor, db: Tensor, k: int) -> tuple[Tensor, Tensor]:
                                "GPU build (grasp[gpu]) or move the tensors to the CPU")
         importlib.import_module("faiss.contrib.torch_utils")  # lets faiss.knn_gpu take torch tensors
 
-        res = _gpu_resources(queries.device.index or 0)
-        scores, idx = faiss.knn_gpu(res, queries, db, k, metric=faiss.METRIC_INNER_PRODUCT)
+        # faiss searches on the device it is told and on the current stream of the current device: both
+        # must be the tensors' device, whichever device the caller made current.
+        with torch.cuda.device(queries.device):
+            index = torch.cuda.current_device() if queries.device.index is None else queries.device.index
+            scores, idx = faiss.knn_gpu(_gpu_resources(index), queries, db, k, metric=faiss.METRIC_INNER_PRODUCT,
+                                        device=index)
         return scores.float(), idx.long()
     q = np.ascontiguousarray(queries.float().numpy())
     x = np.ascontiguousarray(db.float().numpy())

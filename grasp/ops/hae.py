@@ -15,15 +15,45 @@ from grasp import _extension
 from grasp.ops import _backends
 from grasp.ops._hae_reference import holistic_attention_reference
 
-__all__ = ["holistic_attention", "holistic_attention_reference", "backend_reason", "AUTO_ORDER"]
+__all__ = [
+    "AUTO_ORDER", "GPU_TARGET", "backend_reason", "holistic_attention", "holistic_attention_reference", "kernel_bytes"
+]
 
 ACTIVATIONS = ("sigmoid", "softmax")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _KERNEL_MODULE = "grasp_kernels.holistic_attention"
 
+#: Where the default order on CUDA is decided: a training step on a GPU (bfloat16, a ``[B, d]`` user).
+GPU_TARGET = dict(B=2048, L=200, d=64, itemsize=2)
+
+
+def kernel_bytes(backend: str, B: int, L: int, d: int, itemsize: int) -> int:
+    """Global-memory bytes of one forward + backward of ``backend``'s GPU kernels (``[B, d]`` user,
+    sigmoid gates, no mask), counting every pass a kernel makes over a tensor.
+
+    Both backends make one pass per kernel: the forward reads user, user_sim ``[B, d]`` and item,
+    item_sim ``[B, L, d]`` and writes out ``[B, L, 4d]``; the backward reads grad_out ``[B, L, 4d]`` and
+    the four inputs and writes the four gradients, summing the user's gradient over L inside the pass.
+    At GPU_TARGET that is 315.1 MB + 420.5 MB = 735.6 MB for either.
+    """
+    if backend not in ("cuda", "triton"):
+        raise ValueError(f"kernel_bytes: no GPU kernels for backend {backend!r}")
+    items, users = B * L * d, B * d
+    forward = 2 * users + 2 * items + 4 * items
+    backward = 4 * items + 2 * users + 2 * items + 2 * items + 2 * users
+    return itemsize * (forward + backward)
+
+
+def _cuda_order() -> tuple[str, ...]:
+    """The compiled backends by the bytes they move at GPU_TARGET, fewest first, until a GPU measurement
+    says otherwise. A tie keeps ``cuda`` first: it has no autotuning pass on a new shape and takes float64."""
+    moved = {backend: kernel_bytes(backend, **GPU_TARGET) for backend in ("cuda", "triton")}
+    return (*sorted(moved, key=moved.__getitem__), "reference")
+
+
 #: Preference order of ``backend=None`` per device type: compiled kernels first.
-AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": _cuda_order()}
 
 
 def backend_reason(backend: str, device_type: str, dtype: torch.dtype | None = None) -> str:
@@ -92,6 +122,23 @@ def _check_inputs(user: Tensor, user_sim: Tensor, item: Tensor, item_sim: Tensor
             raise ValueError(f"holistic_attention: mask is on {mask.device} but item is on {item.device}")
 
 
+def _autocast_dtype(item: object) -> torch.dtype | None:
+    """The autocast dtype of ``item``'s device type when autocast is on there, else None (also when
+    ``item`` is not a tensor, for the checks to name)."""
+    if not isinstance(item, Tensor) or not torch.amp.is_autocast_available(item.device.type):
+        return None
+    if not torch.is_autocast_enabled(item.device.type):
+        return None
+    return torch.get_autocast_dtype(item.device.type)
+
+
+def _cast(t: object, dtype: torch.dtype) -> object:
+    """``t`` in ``dtype`` if it is a float32/float16/bfloat16 tensor (autocast leaves float64 and the rest alone)."""
+    if isinstance(t, Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return t.to(dtype)
+    return t
+
+
 def holistic_attention(
     user: Tensor,
     user_sim: Tensor,
@@ -124,8 +171,12 @@ def holistic_attention(
     in float32 (float64 for float64) and the output has the input dtype. Non-contiguous inputs
     are accepted. Gradients flow to all four inputs (a broadcast ``user`` gets the sum over L).
 
+    Under ``torch.autocast`` enabled for the inputs' device type, the op behaves as ``F.linear`` does:
+    its float32/float16/bfloat16 inputs are cast to the autocast dtype (float64 ones stay), it runs
+    with autocast off in that dtype, and returns that dtype. Outside autocast, mixed dtypes are an error.
+
     Returns:
-        ``[B, L, 4d]`` tensor.
+        ``[B, L, 4d]`` tensor in the inputs' dtype (under autocast, the autocast dtype).
 
     Example:
         >>> import torch, grasp
@@ -134,6 +185,24 @@ def holistic_attention(
         >>> grasp.ops.holistic_attention(u, us, i, is_).shape
         torch.Size([2, 5, 32])
     """
+    dtype = _autocast_dtype(item)
+    if dtype is None:
+        return _holistic_attention(user, user_sim, item, item_sim, mask, activation, backend)
+    floats = (_cast(t, dtype) for t in (user, user_sim, item, item_sim))
+    with torch.autocast(item.device.type, enabled=False):
+        return _holistic_attention(*floats, mask, activation, backend)
+
+
+def _holistic_attention(
+    user: Tensor,
+    user_sim: Tensor,
+    item: Tensor,
+    item_sim: Tensor,
+    mask: Tensor | None,
+    activation: str,
+    backend: str | None,
+) -> Tensor:
+    """:func:`holistic_attention` outside autocast."""
     _check_inputs(user, user_sim, item, item_sim, mask)
     if activation not in ACTIVATIONS:
         raise ValueError(f"holistic_attention: activation must be 'sigmoid' or 'softmax', got {activation!r}")

@@ -66,11 +66,9 @@ def _choose_backend(requested: str | None, device_type: str, dtype: torch.dtype)
 @torch.compiler.assume_constant_result
 def has_kernel(requested: str | None, device_type: str) -> bool:
     """Whether the op runs on a kernel here: the ``requested`` backend (else ``GRASP_BACKEND``) if one is
-    forced and available, else any available non-reference backend. On a GPU under
-    ``torch.use_deterministic_algorithms(True)`` it has none (its GPU backwards use atomic adds). Callers
-    with an unfused alternative (the GRASP enhancer) use it to choose between the two."""
-    if device_type != "cpu" and torch.are_deterministic_algorithms_enabled():
-        return False
+    forced and available, else any available non-reference backend. Callers with an unfused alternative
+    (the GRASP enhancer) use it to choose between the two. The kernels' backwards are deterministic (segmented
+    reductions without atomics), so ``torch.use_deterministic_algorithms`` changes nothing here."""
     name = requested if requested is not None else (os.environ.get("GRASP_BACKEND") or None)
     if name is not None:
         return not backend_reason(name, device_type)
@@ -176,6 +174,23 @@ def _check_inputs(
             )
 
 
+def _autocast_dtype(item: object) -> torch.dtype | None:
+    """The dtype autocast gives the op's float inputs: the autocast dtype of ``item``'s device type when
+    autocast is on there (None when it is off, or ``item`` is not a tensor for the checks to name)."""
+    if not isinstance(item, Tensor) or not torch.amp.is_autocast_available(item.device.type):
+        return None
+    if not torch.is_autocast_enabled(item.device.type):
+        return None
+    return torch.get_autocast_dtype(item.device.type)
+
+
+def _cast(t: object, dtype: torch.dtype) -> object:
+    """``t`` in ``dtype`` if it is a float32/float16/bfloat16 tensor (autocast leaves float64 and the rest alone)."""
+    if isinstance(t, Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return t.to(dtype)
+    return t
+
+
 def holistic_attention_projected(
     user: Tensor,
     user_sim: Tensor,
@@ -210,11 +225,36 @@ def holistic_attention_projected(
     and device. The kernels compute the gates and the mix in float32 (float64 for float64); for float16 and
     bfloat16 the projected values, the output and the bias addition are rounded to the input dtype (the
     accuracy tests hold them to 2x the error of the same-dtype PyTorch computation). Gradients reach every
-    float input; the indices get none.
+    float input; the indices get none. The kernels' backwards are deterministic: segmented reductions by item
+    and by user, without atomics, give bitwise identical gradients run to run.
+
+    Under ``torch.autocast`` enabled for the inputs' device type, the op behaves as ``F.linear`` does: its
+    float32/float16/bfloat16 inputs are cast to the autocast dtype (float64 ones stay), it runs with autocast
+    off in that dtype, and returns that dtype. Outside autocast, mixed dtypes are an error.
 
     Returns:
-        ``[N, e]`` in the inputs' dtype.
+        ``[N, e]`` in the inputs' dtype (under autocast, the autocast dtype, unless the inputs are float64).
     """
+    dtype = _autocast_dtype(item)
+    if dtype is None:
+        return _projected(user, user_sim, item, item_sim, weight, bias, user_index, item_index, backend)
+    floats = (_cast(t, dtype) for t in (user, user_sim, item, item_sim, weight, bias))
+    with torch.autocast(item.device.type, enabled=False):
+        return _projected(*floats, user_index, item_index, backend)
+
+
+def _projected(
+    user: Tensor,
+    user_sim: Tensor,
+    item: Tensor,
+    item_sim: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    user_index: Tensor,
+    item_index: Tensor,
+    backend: str | None,
+) -> Tensor:
+    """:func:`holistic_attention_projected` outside autocast."""
     _check_inputs(user, user_sim, item, item_sim, weight, bias, user_index, item_index)
     name = _choose_backend(backend, item.device.type, item.dtype)
     if name == "reference" or user_index.numel() == 0:

@@ -3,14 +3,24 @@
 The public function validates its inputs, L2-normalises rows for cosine
 similarity, walks the queries in blocks of bounded memory, and calls two
 kernel steps of the chosen backend: ``knn_search`` (streaming exact top-k) and
-``gather_mean`` (mean of the selected original rows). ``precision="fast"``
-searches reduced-precision copies for ``k + margin`` candidates, rescores them
-in float32 and proves each query's result exact (falling back to a float32
-search for the rare query it cannot prove).
+``gather_mean`` (mean of the selected original rows). On GPU tensors the default
+``precision="fast"`` searches bfloat16 copies on tensor cores for ``k + margin``
+candidates, rescores them in float32 and proves each query's result exact
+(searching again in float32 for the rare query it cannot prove);
+``precision="highest"`` is a plain float32 search.
+
+Why bfloat16 candidates rather than a tf32x3 search (three TF32 tensor-core
+products per float32 product, ``tl.dot(input_precision="tf32x3")``): tf32x3 would
+bound the candidate error 7 to 30 times tighter (D = 1536 to 384: its 3D-term
+accumulation error remains), so fewer queries would be unproven, but it runs three
+passes at the TF32 rate, half the bfloat16 rate, over float32 rows, twice the
+bytes: about six times the tensor-core time. The wide candidate margin
+(``fast_margin``) keeps the bfloat16 proof failures rare instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -22,12 +32,22 @@ from grasp.ops._knn_reference import drop_own, gather_mean_reference, knn_search
 __all__ = ["topk_neighbor_mean", "topk_neighbor_mean_distributed", "backend_reason", "AUTO_ORDER", "fast_margin"]
 
 METRICS = ("cosine", "ip")
-PRECISIONS = ("highest", "fast")
+PRECISIONS = ("fast", "highest")
 _KERNEL_MODULE = "grasp_kernels.knn"
 #: Preference order of ``backend=None`` per device type.
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
-#: Bytes of temporaries the blocking aims at per query block (similarity tiles, rescoring rows).
+#: Bytes of temporaries the blocking aims at per search call (the backend's similarity tiles, outputs).
 BLOCK_BYTES = 1 << 30
+#: Bytes of temporaries per chunk of the fast path's rescoring (gathered candidate rows, products).
+RESCORE_BYTES = 1 << 29
+#: From this D on, the Triton backend re-searches the unproven rows of the fast path with a float32
+#: matmul + topk (see _research_fn).
+MATMUL_RESEARCH_MIN_D = 128
+#: Accumulation error of a tensor-core dot product per term, relative to the sum of the terms'
+#: magnitudes: tensor cores align the products of a block to the largest and truncate, losing less
+#: than one float32 ulp (2^-23) per term and one more when the block is added (Fasi et al., "Numerical
+#: behavior of NVIDIA tensor cores", 2021); twice 2^-23 per term covers blocks of two or more terms.
+TENSOR_CORE_ACC_UNIT = 2.0**-22
 
 Progress = bool | Callable[[int, int], None]
 
@@ -65,6 +85,37 @@ def _unit_roundoff(dtype: torch.dtype) -> float:
     return {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}[dtype]
 
 
+def _proof_bound(low_dtype: torch.dtype, D: int, q_norms: Tensor, max_norm: Tensor) -> Tensor:
+    """float64 ``[q]``: a bound on |approximate - exact| + |rescored - exact| of a query's dot products.
+
+    For a float32 query row q and database row x with exact (real) dot product s:
+
+    - approximate score a: q and x rounded to ``low_dtype`` (unit roundoff u), exact products (16-bit
+      significands multiply exactly in float32), float32 tensor-core accumulation of the D products.
+      Rounding changes each product by at most (2u + u^2)|q_i x_i|, and the accumulation adds at most
+      D * TENSOR_CORE_ACC_UNIT * sum|q'_i x'_i| <= D * TENSOR_CORE_ACC_UNIT * (1 + u)^2 * sum|q_i x_i|.
+    - rescored score r: float32 products summed in float32 in any order, within
+      gamma_(D+1) * sum|q_i x_i|, gamma_m = m 2^-24 / (1 - m 2^-24).
+
+    With sum|q_i x_i| <= |q| |x| <= |q| max|x| (Cauchy-Schwarz) the relative part is
+    ``(2u + u^2 + D * TENSOR_CORE_ACC_UNIT * (1 + u)^2 + gamma_(D+1)) * |q| * max|x|``. An absolute part
+    covers underflow: a subnormal input component flushed to zero moves the dot product by less than
+    2^-126 times the other row's 1-norm (<= sqrt(D) times its norm), and every product or partial sum
+    that underflows in the accumulations loses less than 2^-126.
+
+    Args:
+        low_dtype: the dtype of the approximate search (bfloat16 or float16).
+        D: the rows' length.
+        q_norms: ``[q]`` Euclidean norms of the float32 queries (float64).
+        max_norm: the largest Euclidean norm of the float32 database rows (float64 scalar tensor).
+    """
+    u = _unit_roundoff(low_dtype)
+    m = (D + 1) * 2.0**-24
+    relative = 2 * u + u * u + D * TENSOR_CORE_ACC_UNIT * (1 + u) ** 2 + m / (1 - m)
+    absolute = 2.0**-126 * ((1 + u) * D**0.5 * (q_norms + max_norm) + 4 * D)
+    return relative * q_norms * max_norm + absolute
+
+
 def _check(x: Tensor, k: int, queries: Tensor | None, exclude_self: bool, metric: str, precision: str,
            query_start: int) -> None:
     if not isinstance(x, Tensor):
@@ -78,7 +129,7 @@ def _check(x: Tensor, k: int, queries: Tensor | None, exclude_self: bool, metric
     if metric not in METRICS:
         raise ValueError(f"topk_neighbor_mean: metric must be 'cosine' or 'ip', got {metric!r}")
     if precision not in PRECISIONS:
-        raise ValueError(f"topk_neighbor_mean: precision must be 'highest' or 'fast', got {precision!r}")
+        raise ValueError(f"topk_neighbor_mean: precision must be 'fast' or 'highest', got {precision!r}")
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"topk_neighbor_mean: k must be an int, got {type(k).__name__}")
     n = x.shape[0]
@@ -170,36 +221,92 @@ def _gather_mean_fn(backend: str) -> Callable[[Tensor, Tensor], Tensor]:
     return gather_mean_reference
 
 
+def _fp32_matmul_is_ieee() -> bool:
+    """Whether torch's float32 CUDA matmuls run in IEEE float32 now: TF32 off, and TunableOp (which may
+    choose kernels outside that setting) off."""
+    try:
+        if torch.cuda.tunable.is_enabled():
+            return False
+    except AttributeError:  # a torch built without CUDA has no TunableOp
+        pass
+    try:
+        return torch.backends.cuda.matmul.fp32_precision in ("none", "ieee")
+    except AttributeError:  # a torch without the fp32_precision API
+        return not torch.backends.cuda.matmul.allow_tf32
+
+
+def _research_fn(backend: str, device_type: str, search: Callable[..., tuple[Tensor, Tensor]],
+                 D: int) -> Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]:
+    """``research(queries, db32, k)``: the float32 search, without self exclusion, of the rows whose fast
+    result is not proven.
+
+    The backend's own float32 search, except for Triton on a GPU: its float32 kernel runs on the FMA
+    units, as a cuBLAS float32 matmul does, and the matmul + topk of the reference backend only adds a
+    write and a read of one float32 score per (row, database row), which costs less than the 2 D flops
+    of that score once D >= MATMUL_RESEARCH_MIN_D. That route is taken only while TF32 cannot reach it.
+    """
+    if (backend == "triton" and device_type == "cuda" and D >= MATMUL_RESEARCH_MIN_D
+            and _fp32_matmul_is_ieee()):
+        return lambda queries, db, k: knn_search_reference(queries, db, k, exclude_self=False)
+    return lambda queries, db, k: search(queries, db, k, 0, False)
+
+
+def _rescore(q32: Tensor, db32: Tensor, cand: Tensor) -> Tensor:
+    """float32 ``[q, width]`` dot products of each query with its candidate rows.
+
+    Elementwise products summed in float32, so that no TF32 matmul setting can reach them, in chunks of
+    rows whose gathered ``[rows, width, D]`` temporaries stay within RESCORE_BYTES.
+    """
+    q, width = cand.shape
+    rows = max(1, RESCORE_BYTES // (8 * width * db32.shape[1]))
+    out = torch.empty(q, width, dtype=torch.float32, device=q32.device)
+    for r0 in range(0, q, rows):
+        out[r0 : r0 + rows] = (q32[r0 : r0 + rows].unsqueeze(1) * db32[cand[r0 : r0 + rows]]).sum(-1)
+    return out
+
+
 def _fast_search(search, q32: Tensor, db32: Tensor, db_low: Tensor, k: int, start: int, excl: bool,
-                 bound_scale: Tensor) -> tuple[Tensor, Tensor, int]:
+                 q_norms: Tensor, max_norm: Tensor, research=None) -> tuple[Tensor, Tensor, int]:
     """Candidates from the reduced-precision copies, exact rescoring, and a per-query proof.
 
-    A dot product of rows rounded to unit roundoff u (accumulated in float32 over D terms, with
-    truncating tensor-core accumulation allowed for) is off by at most
-    eps = (2u + u^2 + D * 2^-23 * (1 + u)^2) * |q| * max|x|. Every row outside the candidate list has an
-    approximate score <= c_last, so its exact score is <= c_last + eps: when the k-th exact score
-    beats c_last + eps the top-k is proven. Queries without the proof are searched again in float32.
-    Returns (scores, indices, number of queries searched again).
+    ``search`` returns the approximate top ``width = k + fast_margin(k)`` of ``db_low``; every row outside
+    that list has an approximate score a <= a_last (the last candidate's). The candidates are rescored
+    in float32 (r) and ordered. With ``eps = _proof_bound(...)``, a row outside the list has
+    r <= a + eps <= a_last + eps, so when the k-th rescored score beats ``a_last + eps`` the result is
+    exactly the top k of the rescored scores over all n rows (ties to the smaller index). Queries without
+    the proof go to ``research(queries, db32, k)`` (default: ``search`` in float32).
+
+    Args:
+        q_norms: float64 ``[q]`` norms of the queries; max_norm: float64 largest norm of the rows.
+
+    Returns:
+        (scores, indices, number of queries searched again).
     """
     n = db32.shape[0]
     width = min(k + fast_margin(k), n - (1 if excl else 0))
     approx, cand = search(q32.to(db_low.dtype), db_low, width, start, excl)
-    # float32 rescoring, elementwise so that no TF32 matmul setting can reach it.
-    exact, cand = order_by_score((q32.unsqueeze(1) * db32[cand]).sum(-1), cand)
+    exact, cand = order_by_score(_rescore(q32, db32, cand), cand)
     scores, indices = exact[:, :k].contiguous(), cand[:, :k].contiguous()
     if width == n - (1 if excl else 0):
         return scores, indices, 0  # every row was a candidate: nothing can be missing
-    u = _unit_roundoff(db_low.dtype)
-    eps = (2 * u + u * u + db32.shape[1] * 2.0**-23 * (1 + u) ** 2) * bound_scale
-    unproven = ~(scores[:, -1] > approx[:, -1] + eps)
+    eps = _proof_bound(db_low.dtype, db32.shape[1], q_norms, max_norm)
+    unproven = ~(scores[:, -1].double() > approx[:, -1].double() + eps)
     redo = unproven.nonzero().squeeze(1)
     if redo.numel():
+        research = research or (lambda queries, db, kk: search(queries, db, kk, 0, False))
         # Exact search for the unproven rows (not contiguous, so their own row is dropped here).
-        s, i = search(q32[redo].contiguous(), db32, min(k + 1, n) if excl else k, 0, False)
+        s, i = research(q32[redo].contiguous(), db32, min(k + 1, n) if excl else k)
         if excl:
             s, i = drop_own(s, i, redo + start, k)
         scores[redo], indices[redo] = s, i
     return scores, indices, int(redo.numel())
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """A context with autocast off for ``device_type``: the op computes in the dtypes it documents."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -211,7 +318,7 @@ def topk_neighbor_mean(
     exclude_self: bool | None = None,
     metric: str = "cosine",
     return_indices: bool = False,
-    precision: str = "highest",
+    precision: str = "fast",
     backend: str | None = None,
     query_start: int = 0,
     block_size: int | None = None,
@@ -228,16 +335,22 @@ def topk_neighbor_mean(
             slice of x together with its ``query_start``.
         metric: ``"cosine"`` (rows L2-normalised first; zero rows are an error) or ``"ip"``.
         return_indices: also return the neighbour indices and their similarity scores.
-        precision: ``"highest"`` searches with float32 dot products. ``"fast"`` searches bfloat16
-            copies (GPU) for ``k + fast_margin(k)`` candidates, rescores them exactly in float32 and
-            proves the result per query, searching again in float32 where the proof fails, so the
-            result equals ``"highest"`` except on exact ties. On CPU tensors there is no cheaper pass
-            that keeps that guarantee, so ``"fast"`` runs the ``"highest"`` search.
+        precision: ``"fast"`` (default) or ``"highest"``; both return the exact top k of float32 dot
+            products (up to float32 rounding of near-equal scores). On GPU tensors ``"fast"`` runs on tensor
+            cores: a search of bfloat16 copies for ``k + fast_margin(k)`` candidates, their float32
+            rescoring, and a per-query proof with a rigorous bound of both computations' rounding
+            (``_proof_bound``) that no other row can beat the k-th; the rare query without a proof is
+            searched again in float32. ``"highest"`` is a plain float32 search (float32 products on the
+            FMA units, never TF32, whose peak rate is about 7% of the bfloat16 tensor-core peak on an
+            H100 datasheet), kept as an option. On CPU tensors both run the float32 search (no cheaper
+            pass keeps the guarantee there). Autocast is ignored: the search always runs in float32
+            (bfloat16 for the fast candidates) and the mean comes back in x's dtype.
         backend: ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"faiss"``; None picks the
             fastest available (``GRASP_BACKEND`` overrides that choice).
         query_start: index in x of the first query row (for self exclusion when ``queries`` is a slice
             of x, e.g. in a sharded run).
-        block_size: queries per block, >= 1 (default: bounded by ``BLOCK_BYTES`` of temporaries).
+        block_size: queries per search call, >= 1 (default: bounded by ``BLOCK_BYTES`` of the search's
+            temporaries; the fast path's rescoring runs in its own chunks of ``RESCORE_BYTES``).
         progress: True for a progress bar, or a callable ``(done, total)`` called after each block.
 
     Returns:
@@ -251,26 +364,38 @@ def topk_neighbor_mean(
         >>> mean.shape, idx.shape
         (torch.Size([1000, 64]), torch.Size([1000, 10]))
     """
-    self_queries = queries is None or queries is x
     if exclude_self is None:
-        exclude_self = self_queries
+        exclude_self = queries is None or queries is x
     _validate(x, k, queries, exclude_self, metric, precision, query_start, block_size)
     name = _backends.choose("topk_neighbor_mean", backend, x.device.type, AUTO_ORDER, backend_reason)
-    search, gather_mean = _search_fn(name), _gather_mean_fn(name)
+    with _autocast_off(x.device.type):
+        mean, indices, scores = _search_and_mean(x, k, queries, exclude_self, metric, precision, name,
+                                                 query_start, block_size, progress)
+    return (mean, indices, scores) if return_indices else mean
 
+
+def _search_and_mean(x: Tensor, k: int, queries: Tensor | None, exclude_self: bool, metric: str, precision: str,
+                     name: str, query_start: int, block_size: int | None,
+                     progress: Progress) -> tuple[Tensor, Tensor, Tensor]:
+    """The body of topk_neighbor_mean on validated arguments and a chosen backend: (mean, indices, scores)."""
+    search, gather_mean = _search_fn(name), _gather_mean_fn(name)
     db32 = _normalised(x, "x") if metric == "cosine" else x.float().contiguous()
-    if self_queries:
+    if queries is None or queries is x:
         q32 = db32
     else:
         q32 = _normalised(queries, "queries") if metric == "cosine" else queries.float().contiguous()
-    fast = precision == "fast" and x.device.type == "cuda"
-    db_low = db32.bfloat16() if fast else None
-    if fast:
-        max_norm = torch.linalg.vector_norm(db32, dim=1).max()
-        q_norms = torch.linalg.vector_norm(q32, dim=1)
-
     nq, n, D = q32.shape[0], db32.shape[0], db32.shape[1]
-    per_query = 4 * (min(n, 8192) + ((k + fast_margin(k)) * D if fast else 0)) + 8 * k
+    fast = precision == "fast" and x.device.type == "cuda"
+    width = min(k + fast_margin(k), n - (1 if exclude_self else 0)) if fast else k
+    if fast:
+        db_low = db32.bfloat16()
+        max_norm = torch.linalg.vector_norm(db32, dim=1, dtype=torch.float64).max()
+        q_norms = torch.linalg.vector_norm(q32, dim=1, dtype=torch.float64)
+        research = _research_fn(name, x.device.type, search, D)
+
+    # The search call's own temporaries: the backends' similarity tiles (up to 8192 per query) and the
+    # (approximate) scores and indices of its width.
+    per_query = 4 * min(n, 8192) + 16 * width
     block = block_size or max(1, min(nq, BLOCK_BYTES // per_query))
     x_rows = x.contiguous()
     mean = torch.empty(nq, D, dtype=x.dtype, device=x.device)
@@ -282,14 +407,14 @@ def topk_neighbor_mean(
         qb = q32[start:stop].contiguous()
         if fast:
             s, i, _ = _fast_search(search, qb, db32, db_low, k, query_start + start, exclude_self,
-                                   q_norms[start:stop] * max_norm)
+                                   q_norms[start:stop], max_norm, research)
         else:
             s, i = search(qb, db32, k, query_start + start, exclude_self)
         scores[start:stop], indices[start:stop] = s, i
         mean[start:stop] = gather_mean(x_rows, i)
         bar(stop - start)
     bar(None)
-    return (mean, indices, scores) if return_indices else mean
+    return mean, indices, scores
 
 
 def _progress_bar(total: int, progress: Progress) -> Callable[[int | None], None]:
@@ -346,7 +471,7 @@ def topk_neighbor_mean_distributed(
         exclude_self = queries is None or queries is x
     # Validate the whole inputs on every rank, so that all ranks raise together instead of one rank
     # failing on its slice while the others wait in all_gather.
-    _validate(x, k, queries, exclude_self, kwargs.get("metric", "cosine"), kwargs.get("precision", "highest"),
+    _validate(x, k, queries, exclude_self, kwargs.get("metric", "cosine"), kwargs.get("precision", "fast"),
               query_start, kwargs.get("block_size"))
     per_rank = -(-total // world)
     lo, hi = min(total, rank * per_rank), min(total, (rank + 1) * per_rank)
