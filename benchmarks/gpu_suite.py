@@ -14,7 +14,8 @@ the suite goes on; the exit status is non-zero if any step failed):
 3. ceilings: device-to-device copy bandwidth and the bf16 / tf32 / fp32 matmul rates, measured here;
 4. tests: the CUDA cases of the three ops' tests (every backend and dtype, opcheck, torch.compile);
 5. benchmarks at the GPU sizes: holistic_attention (B=2048, L=200, d=64), the projected op on a training
-   batch, topk_neighbor_mean (n = 1M, D = 1536, k = 10, against faiss-gpu when present), and training
+   batch, topk_neighbor_mean (n = 1M, D = 1536, k = 10, 65,536 queries, each precision, against faiss-gpu
+   when present), and training
    sequences/s of SASRec and SASRec+GRASP;
 6. results: ``benchmarks/results/<gpu>-<date>.md`` and ``.csv`` with every measurement as a fraction of the
    measured ceilings (the byte and FLOP model of each kernel is in ``benchmarks/gpu_model.py``), copied to
@@ -82,7 +83,8 @@ def gpu_steps(arch: str, jobs: int) -> list[Step]:
               "--shape", "2048,20000,409600,64,64", "--dtype", "bfloat16", "--dtype", "float32",
               "--min-time", "0.3"], 25),
         Step("topk_neighbor_mean", [*bench, str(BENCH / "benchmark_topk_neighbor_mean.py"), "--device", "cuda",
-                                    "--n", "1000000", "--dim", "1536", "--k", "10", "--repeats", "3",
+                                    "--n", "1000000", "--dim", "1536", "--k", "10", "--queries", "65536",
+                                    "--repeats", "3",
                                     "--skip-reference"], 75),
         Step("train", [*bench, str(BENCH / "benchmark_train.py"), "--device", "cuda",
                        "--synthetic", "20000", "5000", "--models", "sasrec:id", "sasrec:grasp",
@@ -186,7 +188,8 @@ def _csv_rows(path: Path) -> list[dict[str, str]]:
 
 BENCH_CSVS = {"holistic_attention": "holistic_attention.csv",
               "holistic_attention_projected": "holistic_attention_projected.csv",
-              "topk_neighbor_mean": "topk_neighbor_mean.csv", "train": "train.csv"}  # fmt: skip
+              "topk_neighbor_mean": "topk_neighbor_mean.csv",
+              "topk_neighbor_mean_queries": "topk_neighbor_mean_queries.csv", "train": "train.csv"}  # fmt: skip
 
 
 def fractions(row: dict[str, str], ceilings: dict[str, float]) -> dict[str, str]:

@@ -14,6 +14,9 @@ import importlib.util
 import os
 from collections.abc import Callable, Sequence
 
+import torch
+from torch import Tensor
+
 from grasp import _extension
 
 BACKENDS = ("reference", "cpu", "cuda", "triton", "faiss")
@@ -76,3 +79,20 @@ def choose(
     if why:
         raise RuntimeError(f"{op}: backend {name!r} is not available for {device_type} tensors: {why}")
     return name
+
+
+def autocast_dtype(item: object) -> torch.dtype | None:
+    """The dtype autocast gives an op's float inputs: the autocast dtype of ``item``'s device type when
+    autocast is on there (None when it is off, or ``item`` is not a tensor, for the op's checks to name)."""
+    if not isinstance(item, Tensor) or not torch.amp.is_autocast_available(item.device.type):
+        return None
+    if not torch.is_autocast_enabled(item.device.type):
+        return None
+    return torch.get_autocast_dtype(item.device.type)
+
+
+def autocast_cast(t: object, dtype: torch.dtype) -> object:
+    """``t`` in ``dtype`` if it is a float32/float16/bfloat16 tensor (autocast leaves float64 and the rest alone)."""
+    if isinstance(t, Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return t.to(dtype)
+    return t

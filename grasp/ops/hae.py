@@ -122,23 +122,6 @@ def _check_inputs(user: Tensor, user_sim: Tensor, item: Tensor, item_sim: Tensor
             raise ValueError(f"holistic_attention: mask is on {mask.device} but item is on {item.device}")
 
 
-def _autocast_dtype(item: object) -> torch.dtype | None:
-    """The autocast dtype of ``item``'s device type when autocast is on there, else None (also when
-    ``item`` is not a tensor, for the checks to name)."""
-    if not isinstance(item, Tensor) or not torch.amp.is_autocast_available(item.device.type):
-        return None
-    if not torch.is_autocast_enabled(item.device.type):
-        return None
-    return torch.get_autocast_dtype(item.device.type)
-
-
-def _cast(t: object, dtype: torch.dtype) -> object:
-    """``t`` in ``dtype`` if it is a float32/float16/bfloat16 tensor (autocast leaves float64 and the rest alone)."""
-    if isinstance(t, Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return t.to(dtype)
-    return t
-
-
 def holistic_attention(
     user: Tensor,
     user_sim: Tensor,
@@ -185,10 +168,10 @@ def holistic_attention(
         >>> grasp.ops.holistic_attention(u, us, i, is_).shape
         torch.Size([2, 5, 32])
     """
-    dtype = _autocast_dtype(item)
+    dtype = _backends.autocast_dtype(item)
     if dtype is None:
         return _holistic_attention(user, user_sim, item, item_sim, mask, activation, backend)
-    floats = (_cast(t, dtype) for t in (user, user_sim, item, item_sim))
+    floats = (_backends.autocast_cast(t, dtype) for t in (user, user_sim, item, item_sim))
     with torch.autocast(item.device.type, enabled=False):
         return _holistic_attention(*floats, mask, activation, backend)
 

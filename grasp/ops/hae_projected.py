@@ -174,23 +174,6 @@ def _check_inputs(
             )
 
 
-def _autocast_dtype(item: object) -> torch.dtype | None:
-    """The dtype autocast gives the op's float inputs: the autocast dtype of ``item``'s device type when
-    autocast is on there (None when it is off, or ``item`` is not a tensor for the checks to name)."""
-    if not isinstance(item, Tensor) or not torch.amp.is_autocast_available(item.device.type):
-        return None
-    if not torch.is_autocast_enabled(item.device.type):
-        return None
-    return torch.get_autocast_dtype(item.device.type)
-
-
-def _cast(t: object, dtype: torch.dtype) -> object:
-    """``t`` in ``dtype`` if it is a float32/float16/bfloat16 tensor (autocast leaves float64 and the rest alone)."""
-    if isinstance(t, Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return t.to(dtype)
-    return t
-
-
 def holistic_attention_projected(
     user: Tensor,
     user_sim: Tensor,
@@ -235,10 +218,10 @@ def holistic_attention_projected(
     Returns:
         ``[N, e]`` in the inputs' dtype (under autocast, the autocast dtype, unless the inputs are float64).
     """
-    dtype = _autocast_dtype(item)
+    dtype = _backends.autocast_dtype(item)
     if dtype is None:
         return _projected(user, user_sim, item, item_sim, weight, bias, user_index, item_index, backend)
-    floats = (_cast(t, dtype) for t in (user, user_sim, item, item_sim, weight, bias))
+    floats = (_backends.autocast_cast(t, dtype) for t in (user, user_sim, item, item_sim, weight, bias))
     with torch.autocast(item.device.type, enabled=False):
         return _projected(*floats, user_index, item_index, backend)
 
