@@ -36,18 +36,24 @@ def rounding_floor(dtype: torch.dtype, terms: int, magnitude: float) -> float:
     return nu / (1 - nu) * max(1.0, magnitude)
 
 
-def check_flash_style(actual: Tensor, lowp: Tensor, truth: Tensor, what: str, *, terms: int, magnitude: float) -> None:
+def check_flash_style(
+    actual: Tensor, lowp: Tensor, truth: Tensor, what: str, *, terms: int, magnitude: float, stored: int = 0
+) -> None:
     """Kernel error vs the float64 truth <= 2 x the same-dtype torch error + the rounding floor of the reductions.
 
     Args:
         actual: the kernel's result; lowp: PyTorch's in the same dtype; truth: float64.
         terms: the length of the longest chain of sums that produces a value (see the module docstring).
         magnitude: the largest sum of absolute summands among the call's outputs (>= max |truth|).
+        stored: roundings to the inputs' dtype that the op makes *inside* the computation by contract (the
+            projected op rounds its projected values and the bias sum to float16 / bfloat16), each worth
+            u(dtype) * magnitude on top of the floor.
     """
     truth = truth.double()
     err = (actual.double() - truth).abs().max().item()
     base = (lowp.double() - truth).abs().max().item()
-    floor = rounding_floor(actual.dtype, terms, max(magnitude, truth.abs().max().item()))
+    magnitude = max(magnitude, truth.abs().max().item())
+    floor = rounding_floor(actual.dtype, terms, magnitude) + stored * torch.finfo(actual.dtype).eps / 2 * magnitude
     assert err <= 2 * base + floor, (
         f"{what}: error {err:.3g} > 2 x same-dtype torch error {base:.3g} + rounding floor {floor:.3g} "
         f"({terms} terms of magnitude {magnitude:.3g} in {actual.dtype})"
