@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from _kernel_launches import CurrentDevice, record_launches
 from _tolerance import check_flash_style
 from conftest import DEVICES
 
@@ -451,47 +452,21 @@ def _triton_kernels():
     return kernels
 
 
-@pytest.mark.skipif(not interpreting(), reason="the recorder stands in for a kernel under the interpreter only")
 def test_triton_launches_run_on_the_inputs_device(monkeypatch):
     """Triton launches on the current CUDA device: each launcher makes the inputs' device current first."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     kernels = _triton_kernels()
-    current = ["cuda:0"]
-
-    class Device:  # torch.cuda.device on a machine that may have no CUDA: tracks the current device
-        def __init__(self, device):
-            self.device = str(torch.device(device))
-
-        def __enter__(self):
-            self.saved, current[0] = current[0], self.device
-
-        def __exit__(self, *exc):
-            current[0] = self.saved
-
-    launches = []
-
-    class Recorder:  # stands in for a kernel: records the current device and the tensors' devices
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                devices = {str(a.device) for a in args if isinstance(a, torch.Tensor)}
-                launches.append((self.name, grid, current[0], devices))
-
-            return launch
-
-    monkeypatch.setattr(torch.cuda, "device", Device)
-    monkeypatch.setattr(kernels, "_hae_fwd_kernel", Recorder("fwd"))
-    monkeypatch.setattr(kernels, "_hae_bwd_kernel", Recorder("bwd"))
+    launches = record_launches(monkeypatch, kernels, ["_hae_fwd_kernel", "_hae_bwd_kernel"])
     with FakeTensorMode():
         user, user_sim = (torch.empty(3, 8, device="cuda:1") for _ in range(2))
         item, item_sim = (torch.empty(3, 5, 8, device="cuda:1") for _ in range(2))
         out = kernels.hae_forward(user, user_sim, item, item_sim, None, False)
         kernels.hae_backward(torch.empty_like(out), user, user_sim, item, item_sim, None, True)
-    assert launches == [("fwd", (3,), "cuda:1", {"cuda:1"}), ("bwd", (3,), "cuda:1", {"cuda:1"})]
-    assert current == ["cuda:0"]
+    assert launches == [
+        ("_hae_fwd_kernel", (3,), "cuda:1", {"cuda:1"}), ("_hae_bwd_kernel", (3,), "cuda:1", {"cuda:1"})
+    ]
+    assert CurrentDevice.current == "cuda:0"
 
 
 def test_autotuning_benchmarks_once_per_length_bucket(monkeypatch):

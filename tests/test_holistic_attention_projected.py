@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _kernel_launches import CurrentDevice, record_launches
 from _tolerance import check_flash_style
 from conftest import DEVICES
 from test_holistic_attention import ALL_DTYPES, run_with_grads
@@ -544,3 +545,24 @@ def test_autocast_leaves_float64(device, backend):
     with torch.autocast(device, dtype=torch.bfloat16):
         out = call(backend, ui, ii)(*tensors)
     assert out.dtype == torch.float64 and torch.equal(out, call(backend, ui, ii)(*tensors))
+
+
+def test_triton_launches_run_on_the_inputs_device(monkeypatch):
+    """Triton launches on the current CUDA device: each launcher makes the inputs' device current first."""
+    pytest.importorskip("triton")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import grasp_kernels.holistic_attention_projected as kernels
+
+    names = [name for name in dir(kernels) if name.endswith("_kernel") and hasattr(getattr(kernels, name), "run")]
+    launches = record_launches(monkeypatch, kernels, names)
+    with FakeTensorMode():
+        user, user_sim = (torch.empty(3, 8, device="cuda:1") for _ in range(2))
+        item, item_sim = (torch.empty(4, 8, device="cuda:1") for _ in range(2))
+        values = torch.empty(4, 3, 6, device="cuda:1")
+        ui, ii = (torch.zeros(7, dtype=torch.int64, device="cuda:1") for _ in range(2))
+        kernels.hae_gather_forward(user, user_sim, item, item_sim, values, ui, ii)
+        kernels.hae_gather_backward(torch.empty(7, 6, device="cuda:1"), user, user_sim, item, item_sim, values, ui, ii)
+    assert {launch.name for launch in launches} == set(names), launches
+    assert all(launch.current == "cuda:1" and launch.devices == {"cuda:1"} for launch in launches), launches
+    assert CurrentDevice.current == "cuda:0"

@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 import torch
+from _kernel_launches import CurrentDevice, record_launches
 from conftest import DEVICES
 
 import grasp
@@ -473,45 +474,21 @@ def test_autotuning_benchmarks_once_per_bucket(monkeypatch):
 
 # ---- launches run on the tensors' device ----
 
-class _CurrentDevice:
-    """Stands in for torch.cuda.device on a machine without a GPU: records the current device index."""
-
-    current: int | None = None
-
-    def __init__(self, device):
-        self.index = torch.device(device).index
-
-    def __enter__(self):
-        self.previous, _CurrentDevice.current = _CurrentDevice.current, self.index
-
-    def __exit__(self, *exc):
-        _CurrentDevice.current = self.previous
-
-
 @needs_triton
 def test_triton_launches_on_the_tensors_device(monkeypatch):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from grasp_kernels import knn as kernels
 
-    launches = []
-
-    class Recorder:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.name, _CurrentDevice.current))
-
-    monkeypatch.setattr(torch.cuda, "device", _CurrentDevice)
-    for name in ("_knn_search_kernel", "_knn_merge_kernel", "_gather_mean_kernel"):
-        monkeypatch.setattr(kernels, name, Recorder(name))
+    launches = record_launches(monkeypatch, kernels, ["_knn_search_kernel", "_knn_merge_kernel", "_gather_mean_kernel"])
     with FakeTensorMode():
         x = torch.empty(100, 16, device="cuda:1")
         _, idx = kernels.knn_search(x, x, 5, 0, True, 2)
         kernels.gather_mean(x, idx)
-    assert launches == [("_knn_search_kernel", 1), ("_knn_merge_kernel", 1), ("_gather_mean_kernel", 1)]
-    assert _CurrentDevice.current is None
+    assert [(launch.name, launch.current) for launch in launches] == [
+        ("_knn_search_kernel", "cuda:1"), ("_knn_merge_kernel", "cuda:1"), ("_gather_mean_kernel", "cuda:1")
+    ]
+    assert CurrentDevice.current == "cuda:0"
 
 
 def test_faiss_gpu_search_runs_on_the_tensors_device(monkeypatch):
@@ -525,7 +502,7 @@ def test_faiss_gpu_search_runs_on_the_tensors_device(monkeypatch):
     calls = []
 
     def knn_gpu(res, xq, xb, k, metric=None, device=-1):
-        calls.append((res, device, _CurrentDevice.current))
+        calls.append((res, device, CurrentDevice.current))
         return xq.new_zeros((xq.shape[0], k)), xq.new_zeros((xq.shape[0], k), dtype=torch.int64)
 
     # faiss.contrib.torch_utils would patch faiss for torch tensors: an empty stand-in is "imported".
@@ -533,11 +510,11 @@ def test_faiss_gpu_search_runs_on_the_tensors_device(monkeypatch):
     monkeypatch.setattr(faiss, "knn_gpu", knn_gpu, raising=False)
     monkeypatch.setattr(_knn_faiss, "has_gpu", lambda: True)
     monkeypatch.setattr(_knn_faiss, "_gpu_resources", lambda index: f"resources of GPU {index}")
-    monkeypatch.setattr(torch.cuda, "device", _CurrentDevice)
+    monkeypatch.setattr(torch.cuda, "device", CurrentDevice)
     with FakeTensorMode():
         x = torch.empty(50, 8, device="cuda:1")
         scores, idx = _knn_faiss._raw_search(x, x, 4)
-    assert calls == [("resources of GPU 1", 1, 1)]
+    assert calls == [("resources of GPU 1", 1, "cuda:1")]
     assert idx.shape == (50, 4) and idx.device == torch.device("cuda:1")
 
 

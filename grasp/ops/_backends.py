@@ -81,18 +81,19 @@ def choose(
     return name
 
 
-def autocast_dtype(item: object) -> torch.dtype | None:
-    """The dtype autocast gives an op's float inputs: the autocast dtype of ``item``'s device type when
-    autocast is on there (None when it is off, or ``item`` is not a tensor, for the op's checks to name)."""
+def under_autocast_rule(fn: Callable[..., Tensor], item: object, floats: Sequence[object], *rest: object) -> Tensor:
+    """``fn(*floats, *rest)`` with the ops' autocast rule, that of ``F.linear``.
+
+    Under ``torch.autocast`` enabled for ``item``'s device type, the float32/float16/bfloat16 tensors of
+    ``floats`` are cast to the autocast dtype (float64 and non-tensors stay, for the op's checks to name) and
+    ``fn`` runs with autocast off; otherwise ``fn`` gets the arguments as they are.
+    """
     if not isinstance(item, Tensor) or not torch.amp.is_autocast_available(item.device.type):
-        return None
+        return fn(*floats, *rest)
     if not torch.is_autocast_enabled(item.device.type):
-        return None
-    return torch.get_autocast_dtype(item.device.type)
-
-
-def autocast_cast(t: object, dtype: torch.dtype) -> object:
-    """``t`` in ``dtype`` if it is a float32/float16/bfloat16 tensor (autocast leaves float64 and the rest alone)."""
-    if isinstance(t, Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return t.to(dtype)
-    return t
+        return fn(*floats, *rest)
+    dtype = torch.get_autocast_dtype(item.device.type)
+    cast = [t.to(dtype) if isinstance(t, Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            else t for t in floats]  # fmt: skip
+    with torch.autocast(item.device.type, enabled=False):
+        return fn(*cast, *rest)

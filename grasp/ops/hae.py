@@ -168,12 +168,9 @@ def holistic_attention(
         >>> grasp.ops.holistic_attention(u, us, i, is_).shape
         torch.Size([2, 5, 32])
     """
-    dtype = _backends.autocast_dtype(item)
-    if dtype is None:
-        return _holistic_attention(user, user_sim, item, item_sim, mask, activation, backend)
-    floats = (_backends.autocast_cast(t, dtype) for t in (user, user_sim, item, item_sim))
-    with torch.autocast(item.device.type, enabled=False):
-        return _holistic_attention(*floats, mask, activation, backend)
+    return _backends.under_autocast_rule(
+        _holistic_attention, item, (user, user_sim, item, item_sim), mask, activation, backend
+    )
 
 
 def _holistic_attention(

@@ -218,12 +218,9 @@ def holistic_attention_projected(
     Returns:
         ``[N, e]`` in the inputs' dtype (under autocast, the autocast dtype, unless the inputs are float64).
     """
-    dtype = _backends.autocast_dtype(item)
-    if dtype is None:
-        return _projected(user, user_sim, item, item_sim, weight, bias, user_index, item_index, backend)
-    floats = (_backends.autocast_cast(t, dtype) for t in (user, user_sim, item, item_sim, weight, bias))
-    with torch.autocast(item.device.type, enabled=False):
-        return _projected(*floats, user_index, item_index, backend)
+    return _backends.under_autocast_rule(
+        _projected, item, (user, user_sim, item, item_sim, weight, bias), user_index, item_index, backend
+    )
 
 
 def _projected(
