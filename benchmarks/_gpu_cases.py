@@ -39,12 +39,14 @@ __all__ = ["DEFAULT_KNN_SEARCH", "KERNEL_MODULES", "Case", "Job", "cases_for", "
 
 #: Modules whose Triton kernels are all compiled.
 KERNEL_MODULES = ("grasp_kernels.holistic_attention", "grasp_kernels.holistic_attention_projected",
-                  "grasp_kernels.knn")
+                  "grasp_kernels.topk_neighbor_mean")
 
 #: The search that ``topk_neighbor_mean`` runs on a GPU with its default arguments: the kernel and dtype,
-#: and the default ``precision`` that choice assumes (the report checks it against grasp.ops.knn).
+#: and the default ``precision`` that choice assumes (the report checks it against grasp.ops.topk_neighbor_mean).
 #: ``precision="fast"`` searches bfloat16 copies of the rows for candidates, then rescores them in float32.
-DEFAULT_KNN_SEARCH = dict(module="grasp_kernels.knn", kernel="_knn_search_kernel", dtype="bf16", precision="fast")
+DEFAULT_KNN_SEARCH = dict(
+    module="grasp_kernels.topk_neighbor_mean", kernel="_knn_search_kernel", dtype="bf16", precision="fast"
+)
 
 _TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "i64": "int64"}
 
@@ -220,7 +222,7 @@ def _projected_backward_combine(module) -> Iterator[Case]:
 
 # --------------------------------------------------------------------------------------------- kNN
 
-_KNN = "grasp_kernels.knn"
+_KNN = "grasp_kernels.topk_neighbor_mean"
 
 
 #: SMs of the GPU the database slicing is sized for (H100 / H200 SXM; an A100 has 108).
@@ -230,7 +232,7 @@ SM_COUNT = 132
 def _knn_shapes() -> Iterator[tuple[int, int, int, int, str]]:
     """(n, D, q, k, dtype) of every kNN search target shape: k neighbours in float32 and bfloat16, and the
     candidate width of the fast path's bfloat16 search (the default search on a GPU)."""
-    from grasp.ops.knn import fast_margin
+    from grasp.ops.topk_neighbor_mean import fast_margin
 
     n, k = gpu_model.KNN["n"], gpu_model.KNN["k"]
     for D, q in product(gpu_model.KNN["D"], gpu_model.KNN["q"]):
@@ -240,7 +242,7 @@ def _knn_shapes() -> Iterator[tuple[int, int, int, int, str]]:
 
 
 def _knn_slicing(module, q: int, n: int, k: int) -> tuple[int, int]:
-    """(slices, rows per slice) that knn_search launches with on a GPU of SM_COUNT SMs."""
+    """(slices, rows per slice) that topk_neighbor_mean_search launches with on a GPU of SM_COUNT SMs."""
     slices = module.slice_count(q, n, k, SM_COUNT)
     slice_len = _cdiv(_cdiv(n, min(slices, n)), module._SLICE_ALIGN) * module._SLICE_ALIGN
     return _cdiv(n, slice_len), slice_len
@@ -365,7 +367,7 @@ def _config_label(constexprs: dict[str, Any], options: dict[str, Any], tuned: li
 
 def _display_name(module: str, kernel: str) -> str:
     """``hae.hae_fwd``, ``projected.fwd``, ``knn.knn_search``: the module's short name and the kernel's."""
-    short = {"holistic_attention": "hae", "holistic_attention_projected": "projected"}
+    short = {"holistic_attention": "hae", "holistic_attention_projected": "projected", "topk_neighbor_mean": "knn"}
     base = module.rpartition(".")[2]
     return f"{short.get(base, base)}.{kernel.strip('_').removesuffix('_kernel')}"
 

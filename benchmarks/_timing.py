@@ -1,4 +1,4 @@
-"""Timing and bookkeeping shared by the benchmark scripts (DESIGN.md section 7).
+"""Timing and bookkeeping shared by the benchmark scripts (docs/design.md section 9).
 
 Implementations are always compared side by side in one process, on the same
 inputs, as medians. On GPU the timer is ``triton.testing.do_bench``; on CPU a

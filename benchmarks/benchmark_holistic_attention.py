@@ -34,8 +34,8 @@ from _timing import (  # noqa: E402
 )
 
 import grasp  # noqa: E402
-from grasp.ops._hae_reference import holistic_attention_reference  # noqa: E402
-from grasp.ops.hae import GPU_TARGET, backend_reason  # noqa: E402
+from grasp.ops._holistic_attention_reference import holistic_attention_reference  # noqa: E402
+from grasp.ops.holistic_attention import GPU_TARGET, backend_reason  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_SHAPES = {"cpu": [(256, 200, 64), (2048, 200, 64)], "cuda": [(256, 200, 64), (2048, 200, 64)]}

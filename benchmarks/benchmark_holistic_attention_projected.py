@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import append_csv, git_commit, machine_name, markdown_table, median_ms, stamp  # noqa: E402
 
 import grasp  # noqa: E402
-from grasp.ops.hae_projected import backend_reason, holistic_attention_projected_reference  # noqa: E402
+from grasp.ops.holistic_attention_projected import backend_reason, holistic_attention_projected_reference  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # (U users, M distinct items, N pairs, d, e): a training batch of ml-100k at maxlen 200 (128 users, the

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import append_csv, git_commit, machine_name, markdown_table, median_ms, stamp  # noqa: E402
 
 import grasp  # noqa: E402
-from grasp.ops._knn_reference import drop_own  # noqa: E402
-from grasp.ops.knn import backend_reason  # noqa: E402
+from grasp.ops._topk_neighbor_mean_reference import drop_own  # noqa: E402
+from grasp.ops.topk_neighbor_mean import backend_reason  # noqa: E402
 
 #: Size sets: per device, the database rows n, the widths D and the queries (None: all n rows).
 SIZES = {
@@ -53,7 +53,7 @@ def faiss_baseline(x: torch.Tensor, k: int, q: int | None = None) -> tuple[torch
     self excluded, + gather-mean (numpy on CPU)."""
     import faiss
 
-    from grasp.ops._knn_faiss import _gpu_resources
+    from grasp.ops._topk_neighbor_mean_faiss import _gpu_resources
 
     q = x.shape[0] if q is None else q
     own = torch.arange(q, device=x.device)

@@ -1,4 +1,4 @@
-"""Training speed of every model on the same data, side by side in one process (DESIGN.md section 7).
+"""Training speed of every model on the same data, side by side in one process (docs/design.md section 9).
 
 An epoch is what ``grasp train`` does in one epoch before validation: one pass over the shuffled users
 (batches of left-padded sequences with sampled negatives from :class:`grasp.training.batches.TrainBatches`),
@@ -8,10 +8,10 @@ second, and each model's time relative to the first model of its backbone (the p
 
 The default settings are those of the well-known pmixer/SASRec.pytorch run on ml-100k (maxlen 200,
 hidden 50, 2 blocks, batch 128), whose own script takes a median 2.2 s per epoch on the 2-core CPU
-machine this project is developed on (the figure given in issue 5). ``--pmixer-model`` times its model
+machine this project is developed on. ``--pmixer-model`` times its model
 side by side with ours on the same batches.
 
-    python benchmarks/benchmark_train.py --data-dir ../shared/data/ml-100k --pipeline-dir runs/ml-100k/pipeline
+    python benchmarks/benchmark_train.py --pipeline-dir runs/ml-100k/pipeline
     python benchmarks/benchmark_train.py --models sasrec:id sasrec:grasp --epochs 5
     python benchmarks/benchmark_train.py --device cuda --synthetic 20000 5000 --models sasrec:id sasrec:grasp
 
@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import append_csv, git_commit, machine_name, markdown_table, stamp  # noqa: E402
 
 from grasp.data import load_movielens, preprocess, synthetic  # noqa: E402
+from grasp.data.download import DownloadError, fetch_movielens  # noqa: E402
 from grasp.data.preprocess import Dataset  # noqa: E402
 from grasp.models import build_model  # noqa: E402
 from grasp.pipeline import Tables  # noqa: E402
@@ -42,9 +43,6 @@ from grasp.training.batches import TrainBatches  # noqa: E402
 
 DEFAULT_MODELS = ["sasrec:id", "sasrec:grasp", "sasrec:llminit", "sasrec:llmesr",
                   "bert4rec:id", "bert4rec:grasp", "gru4rec:id", "gru4rec:grasp"]  # fmt: skip
-SHARED_ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
-
-
 def random_tables(dataset: Dataset, dim: int = 384, k: int = 10, seed: int = 0) -> Tables:
     """Unit-norm random tables of the right shapes (row 0 zeros), for timing only."""
     rng = np.random.default_rng(seed)
@@ -142,11 +140,14 @@ def load(args: argparse.Namespace) -> tuple[Dataset, Tables, str]:
         dataset = preprocess(synthetic(num_users=users, num_items=items))
     elif args.data_dir is not None:
         dataset = preprocess(load_movielens(args.data_dir))
-    elif SHARED_ML100K.is_dir():
-        dataset = preprocess(load_movielens(SHARED_ML100K))
     else:
-        print(f"note: no --data-dir and no {SHARED_ML100K}: timing on the built-in synthetic dataset")
-        dataset = preprocess(synthetic())
+        try:
+            folder = fetch_movielens("ml-100k")
+        except DownloadError as exc:
+            print(f"note: no --data-dir and ml-100k cannot be fetched ({exc}): timing on the synthetic dataset")
+            dataset = preprocess(synthetic())
+        else:
+            dataset = preprocess(load_movielens(folder))
     if args.pipeline_dir is not None:
         tables = Tables.load(args.pipeline_dir / "embeddings", num_users=dataset.num_users, num_items=dataset.num_items)
         source = f"tables from {args.pipeline_dir}"
@@ -157,7 +158,7 @@ def load(args: argparse.Namespace) -> tuple[Dataset, Tables, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, help="a MovieLens folder (default: ../shared/data/ml-100k)")
+    parser.add_argument("--data-dir", type=Path, help="a MovieLens folder (default: ml-100k from grasp's download cache)")
     parser.add_argument("--synthetic", type=int, nargs=2, metavar=("USERS", "ITEMS"),
                         help="time on the built-in synthetic dataset of this size instead of MovieLens")
     parser.add_argument("--pipeline-dir", type=Path, help="a run directory with LLM tables for this dataset")

@@ -1,4 +1,4 @@
-"""What a trained SASRec/GRU4Rec/BERT4Rec + GRASP model does with its LLM context (issue 5's "find out why").
+"""What a trained SASRec/GRU4Rec/BERT4Rec + GRASP model does with its LLM context.
 
 For one or more trained ``--model grasp`` seed directories (``grasp train`` output) it prints:
 

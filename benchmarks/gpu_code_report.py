@@ -233,7 +233,8 @@ def gates(rows: list[Row], default_search: dict, default_precision: str | None, 
             failures.append(f"fenced atomic in {role} kernel: {where}: {f.atomics} atomics "
                             f"({'/'.join(f.atomic_sems)}), {f.fences} fences")
     if default_precision is not None and default_precision != default_search["precision"]:
-        failures.append(f"default kNN search: grasp.ops.knn's default precision is {default_precision!r}, but "
+        failures.append(f"default kNN search: grasp.ops.topk_neighbor_mean's default precision is "
+                        f"{default_precision!r}, but "
                         f"DEFAULT_KNN_SEARCH in benchmarks/_gpu_cases.py assumes {default_search['precision']!r}")
     for arch in (a for a in (80, 90) if a in archs):
         search = [r for r in rows if r.kernel == default_search["kernel"] and r.dtype == default_search["dtype"]
@@ -246,12 +247,12 @@ def gates(rows: list[Row], default_search: dict, default_precision: str | None, 
 
 
 def _default_search() -> tuple[dict, str | None]:
-    """The default kNN search of the case tables (display name) and grasp.ops.knn's default precision."""
+    """The default kNN search of the case tables (display name) and grasp.ops.topk_neighbor_mean's default precision."""
     import inspect
 
     from _gpu_cases import DEFAULT_KNN_SEARCH, _display_name
 
-    from grasp.ops.knn import topk_neighbor_mean
+    from grasp.ops.topk_neighbor_mean import topk_neighbor_mean
 
     spec = dict(DEFAULT_KNN_SEARCH, kernel=_display_name(DEFAULT_KNN_SEARCH["module"], DEFAULT_KNN_SEARCH["kernel"]))
     return spec, inspect.signature(topk_neighbor_mean).parameters["precision"].default

@@ -21,8 +21,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 __all__ = [
-    "HAE", "KNN", "PROJECTED", "Work", "fast_width", "fractions", "gather_mean", "hae_backward", "hae_forward",
-    "knn_search", "projected_backward", "projected_forward", "rescore", "target_work", "topk_neighbor_mean",
+    "HAE", "KNN", "PROJECTED", "Work", "fast_width", "fractions", "holistic_attention_backward",
+    "holistic_attention_forward", "projected_backward", "projected_forward", "rescore", "target_work",
+    "topk_neighbor_mean", "topk_neighbor_mean_gather", "topk_neighbor_mean_search",
 ]
 
 #: Bytes per element of the dtypes the kernels take.
@@ -77,16 +78,16 @@ def _user_elems(B: int, L: int, d: int, per_position: bool) -> int:
     return B * (L if per_position else 1) * d
 
 
-def hae_forward(B: int, L: int, d: int, dtype: str, per_position: bool = False) -> Work:
+def holistic_attention_forward(B: int, L: int, d: int, dtype: str, per_position: bool = False) -> Work:
     """Reads user, user_sim, item, item_sim; writes out [B, L, 4d]. Per position: two d-wide dot
     products (4d) and four d-wide gate products (4d)."""
     size = DTYPE_BYTES[dtype]
     elems = 2 * _user_elems(B, L, d, per_position) + 2 * B * L * d + 4 * B * L * d
     shape = f"B={B} L={L} d={d} {'per-position' if per_position else 'broadcast'} {dtype}"
-    return Work("hae_forward", shape, elems * size, 8 * B * L * d)
+    return Work("holistic_attention_forward", shape, elems * size, 8 * B * L * d)
 
 
-def hae_backward(B: int, L: int, d: int, dtype: str, per_position: bool = False) -> Work:
+def holistic_attention_backward(B: int, L: int, d: int, dtype: str, per_position: bool = False) -> Work:
     """Reads grad_out [B, L, 4d] and the four inputs; writes the four gradients. Per position: the two
     dot products again (4d), the gate gradients <g1, i>, <g2, ī>, <g3, i> + <g4, ī> (8d), the item
     gradients a·g + a·g + ds·u (10d) and the user gradients ds·i (2d, plus 2d to sum a broadcast user's
@@ -96,7 +97,7 @@ def hae_backward(B: int, L: int, d: int, dtype: str, per_position: bool = False)
     elems = 4 * B * L * d + 2 * (2 * user + 2 * B * L * d)
     flops = B * L * d * (4 + 8 + 10 + (2 if per_position else 4))
     shape = f"B={B} L={L} d={d} {'per-position' if per_position else 'broadcast'} {dtype}"
-    return Work("hae_backward", shape, elems * size, flops)
+    return Work("holistic_attention_backward", shape, elems * size, flops)
 
 
 def _projected_tables(U: int, M: int, d: int, e: int) -> int:
@@ -121,20 +122,20 @@ def projected_backward(N: int, U: int, M: int, d: int, e: int, dtype: str) -> Wo
     return Work("projected_backward", f"N={N} U={U} M={M} d={d} e={e} {dtype}", moved, N * (12 * d + 12 * e))
 
 
-def knn_search(q: int, n: int, D: int, k: int, dtype: str) -> Work:
+def topk_neighbor_mean_search(q: int, n: int, D: int, k: int, dtype: str) -> Work:
     """Reads the queries [q, D] and the database [n, D] once; writes float32 scores and int64 indices
     [q, k]. FLOPs: the q x n inner products of length D (2qnD)."""
     size = DTYPE_BYTES[dtype]
     moved = (q + n) * D * size + q * k * (_SCORE_BYTES + _INDEX_BYTES)
-    return Work("knn_search", f"q={q} n={n} D={D} k={k} {dtype}", moved, 2 * q * n * D)
+    return Work("topk_neighbor_mean_search", f"q={q} n={n} D={D} k={k} {dtype}", moved, 2 * q * n * D)
 
 
-def gather_mean(q: int, n: int, D: int, k: int, dtype: str) -> Work:
+def topk_neighbor_mean_gather(q: int, n: int, D: int, k: int, dtype: str) -> Work:
     """Reads the indices [q, k] and the k selected rows of x per query (at most n distinct rows);
     writes the means [q, D]. FLOPs: k adds and one scale per output element."""
     size = DTYPE_BYTES[dtype]
     moved = q * k * _INDEX_BYTES + min(n, q * k) * D * size + q * D * size
-    return Work("gather_mean", f"q={q} n={n} D={D} k={k} {dtype}", moved, q * D * (k + 1))
+    return Work("topk_neighbor_mean_gather", f"q={q} n={n} D={D} k={k} {dtype}", moved, q * D * (k + 1))
 
 
 def rescore(q: int, n: int, D: int, width: int) -> Work:
@@ -155,10 +156,10 @@ def topk_neighbor_mean(n: int, D: int, k: int, dtype: str = "fp32", q: int | Non
     """
     q = n if q is None else q
     if width is None:
-        total = knn_search(q, n, D, k, "fp32")
+        total = topk_neighbor_mean_search(q, n, D, k, "fp32")
     else:
-        total = knn_search(q, n, D, width, "bf16") + rescore(q, n, D, width)
-    total += gather_mean(q, n, D, k, dtype)
+        total = topk_neighbor_mean_search(q, n, D, width, "bf16") + rescore(q, n, D, width)
+    total += topk_neighbor_mean_gather(q, n, D, k, dtype)
     path = "highest" if width is None else f"fast width={width}"
     return Work("topk_neighbor_mean", f"q={q} n={n} D={D} k={k} {dtype} {path}", total.bytes, total.flops)
 
@@ -168,8 +169,8 @@ def target_work() -> Iterator[Work]:
     for d in HAE["d"]:
         for per_position in (False, True):
             for dtype in HAE["dtypes"]:
-                yield hae_forward(HAE["B"], HAE["L"], d, dtype, per_position)
-                yield hae_backward(HAE["B"], HAE["L"], d, dtype, per_position)
+                yield holistic_attention_forward(HAE["B"], HAE["L"], d, dtype, per_position)
+                yield holistic_attention_backward(HAE["B"], HAE["L"], d, dtype, per_position)
     for d, e in PROJECTED["de"]:
         for dtype in PROJECTED["dtypes"]:
             yield projected_forward(PROJECTED["N"], PROJECTED["U"], PROJECTED["M"], d, e, dtype)
@@ -178,15 +179,15 @@ def target_work() -> Iterator[Work]:
     for D in KNN["D"]:
         for q in KNN["q"]:
             for dtype in KNN["dtypes"]:
-                yield knn_search(q, KNN["n"], D, KNN["k"], dtype)
-            yield knn_search(q, KNN["n"], D, width, "bf16")
+                yield topk_neighbor_mean_search(q, KNN["n"], D, KNN["k"], dtype)
+            yield topk_neighbor_mean_search(q, KNN["n"], D, width, "bf16")
             yield rescore(q, KNN["n"], D, width)
             for dtype in KNN["dtypes"]:
-                yield gather_mean(q, KNN["n"], D, KNN["k"], dtype)
+                yield topk_neighbor_mean_gather(q, KNN["n"], D, KNN["k"], dtype)
 
 
 def fast_width(k: int) -> int:
     """Candidates of the fast path's bfloat16 search for k neighbours (``k + fast_margin(k)``)."""
-    from grasp.ops.knn import fast_margin
+    from grasp.ops.topk_neighbor_mean import fast_margin
 
     return k + fast_margin(k)

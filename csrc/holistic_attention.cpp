@@ -1,10 +1,10 @@
-// Schemas of the holistic-attention operator (DESIGN.md section 2).
+// Schemas of the holistic-attention operator (docs/design.md section 2).
 //
 // The kernels live in cpu/ and cuda/; autograd and the fake (meta) kernels are
-// registered from Python in grasp/ops/hae.py.
+// registered from Python in grasp/ops/holistic_attention.py.
 //
-//   hae_forward(user, user_sim, item, item_sim, mask, softmax) -> out [B, L, 4d]
-//   hae_backward(grad_out, user, user_sim, item, item_sim, mask, softmax)
+//   holistic_attention_forward(user, user_sim, item, item_sim, mask, softmax) -> out [B, L, 4d]
+//   holistic_attention_backward(grad_out, user, user_sim, item, item_sim, mask, softmax)
 //       -> (grad_user, grad_user_sim, grad_item, grad_item_sim)
 //
 // Contract shared by every kernel (the Python wrapper guarantees it):
@@ -16,9 +16,9 @@
 
 TORCH_LIBRARY(grasp, m) {
   m.def(
-      "hae_forward(Tensor user, Tensor user_sim, Tensor item, Tensor item_sim, "
+      "holistic_attention_forward(Tensor user, Tensor user_sim, Tensor item, Tensor item_sim, "
       "Tensor? mask, bool softmax) -> Tensor");
   m.def(
-      "hae_backward(Tensor grad_out, Tensor user, Tensor user_sim, Tensor item, "
+      "holistic_attention_backward(Tensor grad_out, Tensor user, Tensor user_sim, Tensor item, "
       "Tensor item_sim, Tensor? mask, bool softmax) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -1,6 +1,6 @@
 // Schemas of the projected (index-form) holistic-attention operator.
 //
-// grasp.ops.holistic_attention_projected (grasp/ops/hae_projected.py) equals
+// grasp.ops.holistic_attention_projected (grasp/ops/holistic_attention_projected.py) equals
 //   holistic_attention(user[user_index], user_sim[user_index], item[item_index], item_sim[item_index]) @ W^T
 // with sigmoid gates. W's four d-wide column blocks act on (a_self i, a_sim i_sim, a_glob i, a_glob i_sim),
 // so the projection folds into three per-item values, computed once per distinct item by the caller:
@@ -9,9 +9,9 @@
 //   s1 = <user[r], item[j]>, s2 = <user_sim[r], item_sim[j]>       (r = user_index[n], j = item_index[n])
 //   out[n] = sig(s1/sqrt(d)) values[j,0] + sig(s2/sqrt(d)) values[j,1] + sig((s1+s2)/sqrt(2d)) values[j,2]
 //
-//   hae_gather_forward(user [U, d], user_sim, item [M, d], item_sim, values [M, 3, e],
+//   holistic_attention_projected_forward(user [U, d], user_sim, item [M, d], item_sim, values [M, 3, e],
 //                      user_index [N], item_index [N]) -> out [N, e]
-//   hae_gather_backward(grad_out [N, e], same inputs)
+//   holistic_attention_projected_backward(grad_out [N, e], same inputs)
 //       -> (grad_user, grad_user_sim, grad_item, grad_item_sim, grad_values)
 //
 // Contract shared by every kernel (the Python wrapper guarantees it): all float tensors contiguous, one
@@ -21,9 +21,9 @@
 
 TORCH_LIBRARY_FRAGMENT(grasp, m) {
   m.def(
-      "hae_gather_forward(Tensor user, Tensor user_sim, Tensor item, Tensor item_sim, Tensor values, "
+      "holistic_attention_projected_forward(Tensor user, Tensor user_sim, Tensor item, Tensor item_sim, Tensor values, "
       "Tensor user_index, Tensor item_index) -> Tensor");
   m.def(
-      "hae_gather_backward(Tensor grad_out, Tensor user, Tensor user_sim, Tensor item, Tensor item_sim, "
+      "holistic_attention_projected_backward(Tensor grad_out, Tensor user, Tensor user_sim, Tensor item, Tensor item_sim, "
       "Tensor values, Tensor user_index, Tensor item_index) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

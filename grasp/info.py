@@ -9,15 +9,15 @@ import platform
 import torch
 
 from grasp import _extension
-from grasp.ops import hae as _hae
-from grasp.ops import hae_projected as _hae_projected
-from grasp.ops import knn as _knn
+from grasp.ops.holistic_attention import backend_reason as _holistic_attention_reason
+from grasp.ops.holistic_attention_projected import backend_reason as _projected_reason
+from grasp.ops.topk_neighbor_mean import backend_reason as _topk_neighbor_mean_reason
 
 # op name -> (function telling why a backend cannot run on a device type, backends it has)
 OPS = {
-    "holistic_attention": (_hae.backend_reason, ("reference", "cpu", "cuda", "triton")),
-    "holistic_attention_projected": (_hae_projected.backend_reason, ("reference", "cpu", "cuda", "triton")),
-    "topk_neighbor_mean": (_knn.backend_reason, ("reference", "cpu", "cuda", "triton", "faiss")),
+    "holistic_attention": (_holistic_attention_reason, ("reference", "cpu", "cuda", "triton")),
+    "holistic_attention_projected": (_projected_reason, ("reference", "cpu", "cuda", "triton")),
+    "topk_neighbor_mean": (_topk_neighbor_mean_reason, ("reference", "cpu", "cuda", "triton", "faiss")),
 }
 PACKAGES = ("torch", "triton", "numpy", "faiss-cpu", "faiss-gpu", "openai", "cupy-cuda13x", "cupy-cuda12x")
 
@@ -68,7 +68,7 @@ def report() -> str:
     else:
         lines.append("  cuda: none visible")
     if _extension.LOADED:
-        kernels = [key for key in ("CPU", "CUDA") if _extension.has_kernel("hae_forward", key)]
+        kernels = [key for key in ("CPU", "CUDA") if _extension.has_kernel("holistic_attention_forward", key)]
         lines.append(f"\nextension grasp._C: loaded, kernels for {', '.join(kernels)}")
     else:
         lines.append(f"\nextension grasp._C: not loaded ({_extension.LOAD_ERROR})")

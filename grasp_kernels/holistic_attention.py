@@ -1,4 +1,4 @@
-"""Fused Triton kernels of the holistic-attention (HAE) operator (DESIGN.md section 2).
+"""Fused Triton kernels of the holistic-attention (HAE) operator (docs/design.md section 2).
 
 For every (b, l), with u = user[b], ū = user_sim[b] (or [b, l] each), i = item[b, l], ī = item_sim[b, l]:
 s1 = <u, i>, s2 = <ū, ī>, gates a_self = act(s1/√d), a_sim = act(s2/√d), a_glob = act((s1+s2)/√(2d))
@@ -19,8 +19,9 @@ Autotuning: BLOCK_L and num_warps are tuned per key (BLOCK_D, a power-of-two buc
 and the dtypes), never per exact B or L, so new batch sizes and sequence lengths within a bucket reuse
 the choice without benchmarking again.
 
-``hae_forward`` and ``hae_backward`` launch the kernels, on the inputs' device; the torch.library ops
-``grasp::hae_forward_triton`` (differentiable) and ``grasp::hae_backward_triton`` wrap them.
+``holistic_attention_forward`` and ``holistic_attention_backward`` launch the kernels, on the inputs' device; the
+torch.library ops ``grasp::holistic_attention_forward_triton`` (differentiable) and
+``grasp::holistic_attention_backward_triton`` wrap them.
 """
 
 import math
@@ -30,10 +31,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from grasp.ops.hae import register_op_glue
+from grasp.ops._kernel_glue import register_holistic_attention
 from grasp_kernels._common import INTERPRET, define_op, launcher, on_device
 
-__all__ = ["AUTOTUNE_KEY", "L_BUCKET_MAX", "autotuner", "hae_backward", "hae_forward", "l_bucket"]
+__all__ = [
+    "AUTOTUNE_KEY", "L_BUCKET_MAX", "autotuner", "holistic_attention_backward", "holistic_attention_forward", "l_bucket"
+]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -394,7 +397,7 @@ def _launch_args(user: Tensor, item: Tensor, mask: Tensor | None, softmax: bool)
     )
 
 
-def hae_forward(
+def holistic_attention_forward(
     user: Tensor, user_sim: Tensor, item: Tensor, item_sim: Tensor, mask: Tensor | None, softmax: bool
 ) -> Tensor:
     """Holistic attention forward: ``[B, L, 4d]`` output in the dtype of the inputs.
@@ -419,7 +422,7 @@ def hae_forward(
     return out
 
 
-def hae_backward(
+def holistic_attention_backward(
     grad_out: Tensor,
     user: Tensor,
     user_sim: Tensor,
@@ -428,7 +431,7 @@ def hae_backward(
     mask: Tensor | None,
     softmax: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients ``(grad_user, grad_user_sim, grad_item, grad_item_sim)`` of ``hae_forward``.
+    """Gradients ``(grad_user, grad_user_sim, grad_item, grad_item_sim)`` of ``holistic_attention_forward``.
 
     ``grad_out`` is the contiguous ``[B, L, 4d]`` gradient of the output; the other arguments are
     those of the forward. Each gradient has the shape and dtype of its input (a broadcast user's
@@ -443,9 +446,9 @@ def hae_backward(
     return grads
 
 
-define_op("grasp::hae_forward_triton", hae_forward, mutates_args=())
-define_op("grasp::hae_backward_triton", hae_backward, mutates_args=())
+define_op("grasp::holistic_attention_forward_triton", holistic_attention_forward, mutates_args=())
+define_op("grasp::holistic_attention_backward_triton", holistic_attention_backward, mutates_args=())
 
 
 # Fake kernels and autograd: shared with the C++ ops of the same schema.
-register_op_glue("grasp::hae_forward_triton", "grasp::hae_backward_triton")
+register_holistic_attention("grasp::holistic_attention_forward_triton", "grasp::holistic_attention_backward_triton")

@@ -25,8 +25,9 @@ Rows are gathered through the indices; everything is accumulated in float32.
   configs are a function of (d, e) that is not benchmarked (a timing-based choice could differ from
   one process to the next and change the order): the gradients are bitwise identical run to run.
 
-``hae_gather_forward`` and ``hae_gather_backward`` launch the kernels; the torch.library ops
-``grasp::hae_gather_forward_triton`` (differentiable) and ``grasp::hae_gather_backward_triton`` wrap them.
+``holistic_attention_projected_forward`` and ``holistic_attention_projected_backward`` launch the kernels; the
+torch.library ops ``grasp::holistic_attention_projected_forward_triton`` (differentiable) and
+``grasp::holistic_attention_projected_backward_triton`` wrap them.
 """
 
 import math
@@ -36,10 +37,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from grasp.ops.hae_projected import TRITON_DTYPES, register_op_glue
+from grasp.ops._kernel_glue import TRITON_DTYPES, register_holistic_attention_projected
 from grasp_kernels._common import INTERPRET, define_op, launcher, on_device
 
-__all__ = ["hae_gather_backward", "hae_gather_forward"]
+__all__ = ["holistic_attention_projected_backward", "holistic_attention_projected_forward"]
 
 # ---- configs: module-level lists, chosen by module-level functions (configs, named_args, **kwargs) ----
 
@@ -366,7 +367,7 @@ def _meta(config) -> dict:
     return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def hae_gather_forward(
+def holistic_attention_projected_forward(
     user: Tensor, user_sim: Tensor, item: Tensor, item_sim: Tensor, values: Tensor, user_index: Tensor,
     item_index: Tensor,
 ) -> Tensor:
@@ -417,11 +418,12 @@ def _reduce(kernel, group: tuple[Tensor, Tensor, Tensor], inputs: tuple, outputs
     )
 
 
-def hae_gather_backward(
+def holistic_attention_projected_backward(
     grad_out: Tensor, user: Tensor, user_sim: Tensor, item: Tensor, item_sim: Tensor, values: Tensor,
     user_index: Tensor, item_index: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients ``(user, user_sim, item, item_sim, values)`` of :func:`hae_gather_forward`, each in its
+    """Gradients ``(user, user_sim, item, item_sim, values)`` of :func:`holistic_attention_projected_forward`, each in
+    its
     input's shape and dtype; ``grad_out`` is the contiguous ``[N, e]`` gradient of the output. Deterministic:
     no atomics, and every sum runs in an order that depends only on the inputs."""
     args = _launch_args(item, values, user_index)
@@ -448,7 +450,10 @@ def hae_gather_backward(
     return tuple(g.to(t.dtype) for g, t in zip(grads, inputs, strict=True))
 
 
-define_op("grasp::hae_gather_forward_triton", hae_gather_forward, mutates_args=())
-define_op("grasp::hae_gather_backward_triton", hae_gather_backward, mutates_args=())
+define_op("grasp::holistic_attention_projected_forward_triton", holistic_attention_projected_forward, mutates_args=())
+define_op("grasp::holistic_attention_projected_backward_triton", holistic_attention_projected_backward, mutates_args=())
 
-register_op_glue("grasp::hae_gather_forward_triton", "grasp::hae_gather_backward_triton")
+# Fake kernels and autograd: shared with the C++ ops of the same schema.
+register_holistic_attention_projected(
+    "grasp::holistic_attention_projected_forward_triton", "grasp::holistic_attention_projected_backward_triton"
+)

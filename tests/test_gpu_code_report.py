@@ -158,20 +158,22 @@ def test_gates_pass_clean_rows_and_name_each_failure():
 
     # Another default precision than the case tables assume; a search dtype that is not the default.
     assert report.gates([_row(dtype="fp32", mma=())], DEFAULT, "highest", [90]) == [
-        "default kNN search: grasp.ops.knn's default precision is 'highest', but DEFAULT_KNN_SEARCH in "
+        "default kNN search: grasp.ops.topk_neighbor_mean's default precision is 'highest', but DEFAULT_KNN_SEARCH in "
         "benchmarks/_gpu_cases.py assumes 'fast'"]
 
 
 def test_byte_and_flop_model():
-    fwd = gpu_model.hae_forward(2, 3, 4, "fp32")
+    fwd = gpu_model.holistic_attention_forward(2, 3, 4, "fp32")
     # user, user_sim [2, 4]; item, item_sim [2, 3, 4]; out [2, 3, 16]; 8 FLOPs per position and column.
     assert (fwd.bytes, fwd.flops) == ((2 * 2 * 4 + 2 * 2 * 3 * 4 + 2 * 3 * 16) * 4, 8 * 2 * 3 * 4)
-    per_position = gpu_model.hae_forward(2, 3, 4, "bf16", per_position=True)
+    per_position = gpu_model.holistic_attention_forward(2, 3, 4, "bf16", per_position=True)
     assert per_position.bytes == (2 * 2 * 3 * 4 * 2 + 2 * 3 * 16) * 2
-    search = gpu_model.knn_search(q=3, n=10, D=4, k=2, dtype="bf16")
+    search = gpu_model.topk_neighbor_mean_search(q=3, n=10, D=4, k=2, dtype="bf16")
     assert (search.bytes, search.flops) == ((3 + 10) * 4 * 2 + 3 * 2 * 12, 2 * 3 * 10 * 4)
-    both = gpu_model.hae_forward(2, 3, 4, "fp32") + gpu_model.hae_backward(2, 3, 4, "fp32")
-    assert both.flops == fwd.flops + gpu_model.hae_backward(2, 3, 4, "fp32").flops
+    both = gpu_model.holistic_attention_forward(2, 3, 4, "fp32") + gpu_model.holistic_attention_backward(
+        2, 3, 4, "fp32"
+    )
+    assert both.flops == fwd.flops + gpu_model.holistic_attention_backward(2, 3, 4, "fp32").flops
 
     got = gpu_model.fractions(gpu_model.Work("k", "", bytes=2_000, flops=8_000), 1e-6, 4e9, 1e10)
     assert got["bytes_per_s"] == pytest.approx(2e9) and got["of_copy"] == pytest.approx(0.5)

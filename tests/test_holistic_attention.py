@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -11,9 +12,11 @@ from _tolerance import check_flash_style
 from conftest import DEVICES
 
 import grasp
-from grasp.ops import hae
 from grasp.ops._backends import interpreting
-from grasp.ops._hae_reference import holistic_attention_reference
+from grasp.ops._holistic_attention_reference import holistic_attention_reference
+
+#: The dispatch module (the package attribute of the same name is the public function).
+op_module = importlib.import_module("grasp.ops.holistic_attention")
 
 LOW = (torch.float16, torch.bfloat16)
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -28,7 +31,7 @@ def backend_dtypes(backend: str) -> tuple[torch.dtype, ...]:
 
 
 def runnable(device: str) -> list[str]:
-    return [b for b in ("reference", "cpu", "cuda", "triton") if not hae.backend_reason(b, device)]
+    return [b for b in ("reference", "cpu", "cuda", "triton") if not op_module.backend_reason(b, device)]
 
 
 BACKEND_CASES = [(dev, b) for dev in DEVICES for b in runnable(dev)]
@@ -143,8 +146,8 @@ def _op_for(backend: str):
     if backend == "triton":
         import grasp_kernels.holistic_attention  # noqa: F401
 
-        return torch.ops.grasp.hae_forward_triton.default
-    return torch.ops.grasp.hae_forward.default
+        return torch.ops.grasp.holistic_attention_forward_triton.default
+    return torch.ops.grasp.holistic_attention_forward.default
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_CASES)
@@ -306,31 +309,31 @@ def test_empty_batch(device, backend):
 @pytest.mark.skipif(os.environ.get("GRASP_NO_EXTENSION") == "1", reason="built without the extension")
 def test_default_backend_is_the_compiled_kernel(monkeypatch):
     monkeypatch.delenv("GRASP_BACKEND", raising=False)
-    assert hae._choose_backend(None, "cpu", torch.float32) == "cpu"
+    assert op_module._choose_backend(None, "cpu", torch.float32) == "cpu"
     if torch.cuda.is_available():
-        assert hae._choose_backend(None, "cuda", torch.bfloat16) == "cuda"
+        assert op_module._choose_backend(None, "cuda", torch.bfloat16) == "cuda"
 
 
 def test_grasp_backend_env_forces_and_explains(monkeypatch):
     monkeypatch.setenv("GRASP_BACKEND", "reference")
-    assert hae._choose_backend(None, "cpu", torch.float32) == "reference"
+    assert op_module._choose_backend(None, "cpu", torch.float32) == "reference"
     monkeypatch.setenv("GRASP_BACKEND", "cuda")
-    assert hae._choose_backend("reference", "cpu", torch.float32) == "reference"  # an explicit argument wins
+    assert op_module._choose_backend("reference", "cpu", torch.float32) == "reference"  # an explicit argument wins
     with pytest.raises(RuntimeError, match="backend 'cuda' is not available for cpu tensors"):
-        hae._choose_backend(None, "cpu", torch.float32)
+        op_module._choose_backend(None, "cpu", torch.float32)
     monkeypatch.setenv("GRASP_BACKEND", "tpu")
     with pytest.raises(ValueError, match="unknown GRASP_BACKEND 'tpu'"):
-        hae._choose_backend(None, "cpu", torch.float32)
+        op_module._choose_backend(None, "cpu", torch.float32)
 
 
 @pytest.mark.skipif(os.environ.get("GRASP_NO_EXTENSION") == "1", reason="built without the extension")
 def test_expected_backends_are_present():
     """The parametrised cases above only exist for runnable backends: make a missing one fail here."""
-    assert not hae.backend_reason("cpu", "cpu"), hae.backend_reason("cpu", "cpu")
-    assert not hae.backend_reason("triton", "cpu") or not interpreting()
+    assert not op_module.backend_reason("cpu", "cpu"), op_module.backend_reason("cpu", "cpu")
+    assert not op_module.backend_reason("triton", "cpu") or not interpreting()
     if torch.cuda.is_available():
         for backend in ("cuda", "triton"):
-            assert not hae.backend_reason(backend, "cuda"), hae.backend_reason(backend, "cuda")
+            assert not op_module.backend_reason(backend, "cuda"), op_module.backend_reason(backend, "cuda")
 
 
 def test_missing_extension_is_named(monkeypatch):
@@ -338,8 +341,8 @@ def test_missing_extension_is_named(monkeypatch):
 
     monkeypatch.setattr(_extension, "LOAD_ERROR", "ImportError: no _C")
     monkeypatch.setattr(_extension, "LOADED", False)
-    assert "grasp._C is not available" in hae.backend_reason("cpu", "cpu")
-    assert "no _C" in hae.backend_reason("cuda", "cuda")
+    assert "grasp._C is not available" in op_module.backend_reason("cpu", "cpu")
+    assert "no _C" in op_module.backend_reason("cuda", "cuda")
 
 
 # ---- bad input: a clear error naming the argument, never a crash inside a kernel ----
@@ -394,7 +397,7 @@ def test_mixed_devices_are_rejected():
 def test_fp64_on_triton_is_a_clear_error_and_never_chosen():
     with pytest.raises(RuntimeError, match=r"backend 'triton' is not available .* not torch.float64"):
         grasp.ops.holistic_attention(*_good(dtype=torch.float64), backend="triton")
-    assert hae._choose_backend(None, "cuda", torch.float64) != "triton"
+    assert op_module._choose_backend(None, "cuda", torch.float64) != "triton"
 
 
 # ---- autocast: the inputs are cast to the autocast dtype, as F.linear does ----
@@ -445,7 +448,7 @@ def test_mixed_dtypes_outside_autocast_are_an_error():
 # ---- the Triton launchers: the inputs' device, and autotuning keyed on buckets ----
 
 def _triton_kernels():
-    if hae.backend_reason("triton", "cpu") and hae.backend_reason("triton", "cuda"):
+    if op_module.backend_reason("triton", "cpu") and op_module.backend_reason("triton", "cuda"):
         pytest.skip("the Triton backend cannot run here")
     import grasp_kernels.holistic_attention as kernels
 
@@ -461,8 +464,8 @@ def test_triton_launches_run_on_the_inputs_device(monkeypatch):
     with FakeTensorMode():
         user, user_sim = (torch.empty(3, 8, device="cuda:1") for _ in range(2))
         item, item_sim = (torch.empty(3, 5, 8, device="cuda:1") for _ in range(2))
-        out = kernels.hae_forward(user, user_sim, item, item_sim, None, False)
-        kernels.hae_backward(torch.empty_like(out), user, user_sim, item, item_sim, None, True)
+        out = kernels.holistic_attention_forward(user, user_sim, item, item_sim, None, False)
+        kernels.holistic_attention_backward(torch.empty_like(out), user, user_sim, item, item_sim, None, True)
     assert launches == [
         ("_hae_fwd_kernel", (3,), "cuda:1", {"cuda:1"}), ("_hae_bwd_kernel", (3,), "cuda:1", {"cuda:1"})
     ]
@@ -488,7 +491,7 @@ def test_autotuning_benchmarks_once_per_length_bucket(monkeypatch):
     def sweep(sizes):
         for B, L in sizes:
             (u, us, i, is_), mask = make_inputs(B, L, 8, per_position=False, mask_kind="random", dtype=torch.float32,
-                                                device="cuda" if hae.backend_reason("triton", "cpu") else "cpu")
+                                                device="cuda" if op_module.backend_reason("triton", "cpu") else "cpu")
             out = grasp.ops.holistic_attention(u, us, i, is_, mask=mask, backend="triton")
             torch.autograd.grad(out.sum(), (u, us, i, is_))
         return {name: len(calls) for name, calls in benchmarked.items()}
@@ -538,7 +541,8 @@ def test_triton_low_precision_results_round_to_nearest(dtype):
     grad_out = torch.randn(3, 37, 96, dtype=dtype)
 
     def results(grad_out, *inputs, softmax):
-        return [kernels.hae_forward(*inputs, mask, softmax), *kernels.hae_backward(grad_out, *inputs, mask, softmax)]
+        return [kernels.holistic_attention_forward(*inputs, mask, softmax),
+                *kernels.holistic_attention_backward(grad_out, *inputs, mask, softmax)]
 
     for softmax in (False, True):
         low = results(grad_out, *tensors, softmax=softmax)
@@ -548,9 +552,9 @@ def test_triton_low_precision_results_round_to_nearest(dtype):
 
 
 def test_default_cuda_order_moves_the_fewest_bytes():
-    moved = {b: hae.kernel_bytes(b, **hae.GPU_TARGET) for b in ("cuda", "triton")}
+    moved = {b: op_module.kernel_bytes(b, **op_module.GPU_TARGET) for b in ("cuda", "triton")}
     assert moved["cuda"] == moved["triton"] == 315_097_088 + 420_478_976
-    assert hae.AUTO_ORDER["cuda"] == ("cuda", "triton", "reference")
+    assert op_module.AUTO_ORDER["cuda"] == ("cuda", "triton", "reference")
 
 
 def test_interpreter_flag_is_on_without_a_gpu():

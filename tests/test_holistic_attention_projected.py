@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -17,16 +18,18 @@ from conftest import DEVICES
 from test_holistic_attention import ALL_DTYPES, run_with_grads
 
 import grasp
-from grasp.ops import hae_projected
 from grasp.ops._backends import interpreting
-from grasp.ops._hae_reference import holistic_attention_reference
-from grasp.ops.hae_projected import holistic_attention_projected_reference, projected_values
+from grasp.ops._holistic_attention_projected_reference import holistic_attention_projected_reference
+from grasp.ops._holistic_attention_reference import holistic_attention_reference
+from grasp.ops.holistic_attention_projected import projected_values
 
 op = grasp.ops.holistic_attention_projected
+#: The dispatch module (the package attribute of the same name is the public function).
+op_module = importlib.import_module("grasp.ops.holistic_attention_projected")
 
 
 def runnable(device: str) -> list[str]:
-    return [b for b in ("reference", "cpu", "cuda", "triton") if not hae_projected.backend_reason(b, device)]
+    return [b for b in ("reference", "cpu", "cuda", "triton") if not op_module.backend_reason(b, device)]
 
 
 BACKEND_CASES = [(dev, b) for dev in DEVICES for b in runnable(dev)]
@@ -120,7 +123,7 @@ def test_matches_reference_every_dtype(device, backend, dtype):
 
 def _triton_kernels():
     """The Triton kernel module (the test is skipped where Triton cannot run)."""
-    why = hae_projected.backend_reason("triton", "cuda" if torch.cuda.is_available() else "cpu")
+    why = op_module.backend_reason("triton", "cuda" if torch.cuda.is_available() else "cpu")
     if why:
         pytest.skip(why)
     import grasp_kernels.holistic_attention_projected as kernels
@@ -172,8 +175,8 @@ def _op_for(backend: str):
     if backend == "triton":
         import grasp_kernels.holistic_attention_projected  # noqa: F401
 
-        return torch.ops.grasp.hae_gather_forward_triton.default
-    return torch.ops.grasp.hae_gather_forward.default
+        return torch.ops.grasp.holistic_attention_projected_forward_triton.default
+    return torch.ops.grasp.holistic_attention_projected_forward.default
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_CASES)
@@ -262,8 +265,8 @@ def test_no_pairs(device, backend):
 
 
 def test_cpu_backward_is_deterministic_across_thread_counts():
-    if hae_projected.backend_reason("cpu", "cpu"):
-        pytest.skip(hae_projected.backend_reason("cpu", "cpu"))
+    if op_module.backend_reason("cpu", "cpu"):
+        pytest.skip(op_module.backend_reason("cpu", "cpu"))
     tensors, ui, ii = make_inputs(7, 40, 3000, 33, 21, dtype=torch.float32, device="cpu")
     grad_out = torch.randn(3000, 21)
     threads = torch.get_num_threads()
@@ -282,16 +285,16 @@ def test_cpu_backward_is_deterministic_across_thread_counts():
 def test_expected_backends_are_present(monkeypatch):
     """The parametrised cases only exist for runnable backends: make a missing one fail here."""
     monkeypatch.delenv("GRASP_BACKEND", raising=False)
-    assert not hae_projected.backend_reason("cpu", "cpu"), hae_projected.backend_reason("cpu", "cpu")
-    assert hae_projected._choose_backend(None, "cpu", torch.float32) == "cpu"
-    assert not hae_projected.backend_reason("triton", "cpu") or not interpreting()
+    assert not op_module.backend_reason("cpu", "cpu"), op_module.backend_reason("cpu", "cpu")
+    assert op_module._choose_backend(None, "cpu", torch.float32) == "cpu"
+    assert not op_module.backend_reason("triton", "cpu") or not interpreting()
     if torch.cuda.is_available():
-        assert hae_projected._choose_backend(None, "cuda", torch.bfloat16) == "triton"
-        assert not hae_projected.backend_reason("cuda", "cuda"), hae_projected.backend_reason("cuda", "cuda")
+        assert op_module._choose_backend(None, "cuda", torch.bfloat16) == "triton"
+        assert not op_module.backend_reason("cuda", "cuda"), op_module.backend_reason("cuda", "cuda")
 
 
 def test_backend_for_another_device_is_explained():
-    assert "the cuda backend runs cuda tensors only" in hae_projected.backend_reason("cuda", "cpu")
+    assert "the cuda backend runs cuda tensors only" in op_module.backend_reason("cuda", "cpu")
     args, kwargs = _good()
     with pytest.raises(RuntimeError, match="backend 'cuda' is not available for cpu tensors"):
         op(*args, **kwargs, backend="cuda")
@@ -374,8 +377,8 @@ def test_triton_kernels_compile_for_sm90():
 
 def test_cpu_kernel_checks_indices_itself():
     """A direct call of the kernel op (no Python validation) with a bad index is an error, not a wild write."""
-    if hae_projected.backend_reason("cpu", "cpu"):
-        pytest.skip(hae_projected.backend_reason("cpu", "cpu"))
+    if op_module.backend_reason("cpu", "cpu"):
+        pytest.skip(op_module.backend_reason("cpu", "cpu"))
     (u, us, i, is_, w), ui, ii = make_inputs(2, 3, 4, 4, 5, dtype=torch.float32, device="cpu", bias=False,
                                              requires_grad=False)  # fmt: skip
     values = projected_values(i, is_, w)
@@ -383,9 +386,11 @@ def test_cpu_kernel_checks_indices_itself():
              (ui, torch.tensor([0, -1, 0, 0]), r"item_index\[1\] = -1 is outside 0..2")]  # fmt: skip
     for bad_ui, bad_ii, pattern in cases:
         with pytest.raises(RuntimeError, match=pattern):
-            torch.ops.grasp.hae_gather_forward(u, us, i, is_, values, bad_ui, bad_ii)
+            torch.ops.grasp.holistic_attention_projected_forward(u, us, i, is_, values, bad_ui, bad_ii)
         with pytest.raises(RuntimeError, match=pattern):
-            torch.ops.grasp.hae_gather_backward(torch.zeros(4, 5), u, us, i, is_, values, bad_ui, bad_ii)
+            torch.ops.grasp.holistic_attention_projected_backward(
+                torch.zeros(4, 5), u, us, i, is_, values, bad_ui, bad_ii
+            )
 
 
 def test_triton_backward_is_not_tuned_and_resets_nothing():
@@ -409,7 +414,8 @@ def test_kernel_ops_take_no_pairs(device, backend):
     values = projected_values(i, is_, w)
     forward = _op_for(backend)
     ops = torch.ops.grasp
-    backward = ops.hae_gather_backward_triton if backend == "triton" else ops.hae_gather_backward
+    backward = (ops.holistic_attention_projected_backward_triton if backend == "triton"
+                else ops.holistic_attention_projected_backward)
     assert forward(u, us, i, is_, values, ui, ii).shape == (0, 5)
     grads = backward(torch.zeros(0, 5, device=device), u, us, i, is_, values, ui, ii)
     assert [g.shape for g in grads] == [t.shape for t in (u, us, i, is_, values)] and not any(g.any() for g in grads)
@@ -423,9 +429,9 @@ def test_deterministic_mode_keeps_the_kernels(device, backend):
     was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         torch.use_deterministic_algorithms(True)
-        assert hae_projected.has_kernel(None, device) and hae_projected.has_kernel(backend, device)
-        if not hae_projected.backend_reason("triton", "cuda"):
-            assert hae_projected.has_kernel(None, "cuda") and hae_projected.has_kernel("triton", "cuda")
+        assert op_module.has_kernel(None, device) and op_module.has_kernel(backend, device)
+        if not op_module.backend_reason("triton", "cuda"):
+            assert op_module.has_kernel(None, "cuda") and op_module.has_kernel("triton", "cuda")
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             call(backend, ui, ii)(*tensors).sum().backward()
@@ -493,7 +499,7 @@ def test_forward_autotuner_benchmarks_once_per_width(monkeypatch):
             (u, us, i, is_, w), ui, ii = make_inputs(5, 9, N, d, d, dtype=torch.float32, device=device, bias=False,
                                                      requires_grad=False)  # fmt: skip
             values = projected_values(i, is_, w)
-            out = kernels.hae_gather_forward(u, us, i, is_, values, ui, ii)
+            out = kernels.holistic_attention_projected_forward(u, us, i, is_, values, ui, ii)
             expected = holistic_attention_projected_reference(u, us, i, is_, w, None, ui, ii)
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     kept = [len(kernels._prune_fwd_configs(kernels._FWD_CONFIGS, {}, D=d, E=d, BLOCK_D=b, BLOCK_E=b))
@@ -561,8 +567,10 @@ def test_triton_launches_run_on_the_inputs_device(monkeypatch):
         item, item_sim = (torch.empty(4, 8, device="cuda:1") for _ in range(2))
         values = torch.empty(4, 3, 6, device="cuda:1")
         ui, ii = (torch.zeros(7, dtype=torch.int64, device="cuda:1") for _ in range(2))
-        kernels.hae_gather_forward(user, user_sim, item, item_sim, values, ui, ii)
-        kernels.hae_gather_backward(torch.empty(7, 6, device="cuda:1"), user, user_sim, item, item_sim, values, ui, ii)
+        kernels.holistic_attention_projected_forward(user, user_sim, item, item_sim, values, ui, ii)
+        kernels.holistic_attention_projected_backward(
+            torch.empty(7, 6, device="cuda:1"), user, user_sim, item, item_sim, values, ui, ii
+        )
     assert {launch.name for launch in launches} == set(names), launches
     assert all(launch.current == "cuda:1" and launch.devices == {"cuda:1"} for launch in launches), launches
     assert CurrentDevice.current == "cuda:0"

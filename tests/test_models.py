@@ -11,7 +11,8 @@ import torch
 import grasp.models.item_encoders as item_encoders
 from grasp.models import BACKBONES, MODELS, build_model
 from grasp.models.item_encoders import pca_embedding
-from grasp.ops import hae_projected, holistic_attention_reference
+from grasp.ops import holistic_attention_reference
+from grasp.ops.holistic_attention_projected import backend_reason as projected_backend_reason
 from grasp.pipeline.tables import Tables
 
 NUM_USERS, NUM_ITEMS, DIM = 12, 40, 24
@@ -326,7 +327,7 @@ def test_grasp_enhancer_stays_fused_in_deterministic_mode():
     try:
         torch.use_deterministic_algorithms(True)
         assert enhancer.fused(torch.device("cpu"))
-        if not hae_projected.backend_reason("triton", "cuda"):
+        if not projected_backend_reason("triton", "cuda"):
             assert enhancer.fused(torch.device("cuda"))
         for _ in range(2):
             net.zero_grad()

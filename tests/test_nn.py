@@ -1,4 +1,4 @@
-"""grasp.nn.HolisticAttention: the enhancer block of DESIGN.md section 5."""
+"""grasp.nn.HolisticAttention: the enhancer block of docs/design.md section 6."""
 
 from __future__ import annotations
 

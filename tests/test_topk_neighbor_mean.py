@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import socket
@@ -15,13 +16,15 @@ from _kernel_launches import CurrentDevice, record_launches
 from conftest import DEVICES
 
 import grasp
-from grasp.ops import knn
+
+#: The dispatch module (the package attribute of the same name is the public function).
+op_module = importlib.import_module("grasp.ops.topk_neighbor_mean")
 
 TOL = 1e-5  # float32 dot products of unit rows
 
 
 def runnable(device: str) -> list[str]:
-    return [b for b in ("reference", "cpu", "cuda", "triton", "faiss") if not knn.backend_reason(b, device)]
+    return [b for b in ("reference", "cpu", "cuda", "triton", "faiss") if not op_module.backend_reason(b, device)]
 
 
 BACKEND_CASES = [(dev, b) for dev in DEVICES for b in runnable(dev)]
@@ -173,16 +176,16 @@ def test_fast_search_proof_and_redo_on_cpu():
     x[7] = x[11]  # and an exact tie
     db32 = x / x.norm(dim=1, keepdim=True)
     norms = torch.linalg.vector_norm(db32, dim=1, dtype=torch.float64)
-    search = knn._search_fn("reference")
+    search = op_module._search_fn("reference")
     for k in (1, 10):
         want_s, want_i = search(db32, db32, k, 0, True)
-        s, i, redone = knn._fast_search(search, db32, db32, db32.bfloat16(), k, 0, True, norms, norms.max())
+        s, i, redone = op_module._fast_search(search, db32, db32, db32.bfloat16(), k, 0, True, norms, norms.max())
         assert redone > 0, "near-tie data must make some proofs fail"
         torch.testing.assert_close(s, want_s, atol=TOL, rtol=0)
         agree = (i.unsqueeze(2) == want_i.unsqueeze(1)).any(2).float().mean().item()
         assert agree > 0.999, f"fast/highest neighbour agreement {agree}"
         # query_start: a slice of the rows searched on its own excludes the right self rows
-        s2, i2, _ = knn._fast_search(search, db32[300:420], db32, db32.bfloat16(), k, 300, True, norms[300:420],
+        s2, i2, _ = op_module._fast_search(search, db32[300:420], db32, db32.bfloat16(), k, 300, True, norms[300:420],
                                      norms.max())
         assert not (i2 == torch.arange(300, 420).unsqueeze(1)).any()
         torch.testing.assert_close(s2, want_s[300:420], atol=TOL, rtol=0)
@@ -266,7 +269,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if not knn.backend_reason(b, "cpu")])
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if not op_module.backend_reason(b, "cpu")])
 def test_peak_memory_far_below_n_squared(backend, tmp_path):
     n = 200_000
     full = os.environ.get("GRASP_SLOW_TESTS") == "full"
@@ -302,7 +305,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if not knn.backend_reason(b, "cpu")])
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if not op_module.backend_reason(b, "cpu")])
 def test_two_process_gloo_matches_single_process(backend, tmp_path):
     script = tmp_path / "dist.py"
     script.write_text(DIST_SCRIPT)
@@ -320,8 +323,8 @@ def test_two_process_gloo_matches_single_process(backend, tmp_path):
 
 # ---- the Triton search split over database slices ----
 
-TRITON_CPU = not knn.backend_reason("triton", "cpu")
-needs_triton = pytest.mark.skipif(not TRITON_CPU, reason=knn.backend_reason("triton", "cpu") or "")
+TRITON_CPU = not op_module.backend_reason("triton", "cpu")
+needs_triton = pytest.mark.skipif(not TRITON_CPU, reason=op_module.backend_reason("triton", "cpu") or "")
 
 # (q, n, D, k, exclude_self, slices): odd slice lengths, k larger than a slice's rows, k near n, one
 # row per slice, several query tiles, and one slice (no merge).
@@ -361,12 +364,12 @@ def assert_search_matches_float64(scores, idx, queries, db, k, start, exclude_se
 @needs_triton
 @pytest.mark.parametrize("q,n,D,k,exclude_self,slices", SLICE_CASES)
 def test_triton_sliced_search_random_data(q, n, D, k, exclude_self, slices):
-    from grasp_kernels import knn as kernels
+    from grasp_kernels import topk_neighbor_mean as kernels
 
     db = torch.randn(n, D)
     start = (n - q) // 2 if exclude_self else 0
     queries = db[start : start + q].contiguous() if exclude_self else torch.randn(q, D)
-    scores, idx = kernels.knn_search(queries, db, k, start, exclude_self, slices)
+    scores, idx = kernels.topk_neighbor_mean_search(queries, db, k, start, exclude_self, slices)
     assert_search_matches_float64(scores, idx, queries, db, k, start, exclude_self)
 
 
@@ -376,13 +379,13 @@ def test_triton_sliced_search_random_data(q, n, D, k, exclude_self, slices):
 def test_triton_sliced_search_exact_ties(q, n, D, k, exclude_self, slices, dtype):
     """Small integers: every product and sum is exact in float32 in any order, ties abound and span
     slices, so the merged result must equal the reference's (score desc, index asc) bit for bit."""
-    from grasp_kernels import knn as kernels
+    from grasp_kernels import topk_neighbor_mean as kernels
 
     db = torch.randint(-2, 3, (n, D)).to(dtype)
     start = (n - q) // 2 if exclude_self else 0
     queries = db[start : start + q].contiguous() if exclude_self else torch.randint(-2, 3, (q, D)).to(dtype)
-    scores, idx = kernels.knn_search(queries, db, k, start, exclude_self, slices)
-    want_s, want_i = knn.knn_search_reference(queries.float(), db.float(), k, query_start=start,
+    scores, idx = kernels.topk_neighbor_mean_search(queries, db, k, start, exclude_self, slices)
+    want_s, want_i = op_module.topk_neighbor_mean_search_reference(queries.float(), db.float(), k, query_start=start,
                                               exclude_self=exclude_self)
     assert torch.equal(idx, want_i)
     assert torch.equal(scores, want_s)
@@ -391,8 +394,8 @@ def test_triton_sliced_search_exact_ties(q, n, D, k, exclude_self, slices, dtype
 def test_slice_count_fills_the_gpu():
     pytest.importorskip("triton")
     if not TRITON_CPU:
-        pytest.skip("grasp_kernels.knn needs the Triton interpreter here")
-    from grasp_kernels import knn as kernels
+        pytest.skip("grasp_kernels.topk_neighbor_mean needs the Triton interpreter here")
+    from grasp_kernels import topk_neighbor_mean as kernels
 
     sms, k = 132, 10
     for q in (1, 5, 64, 1000, 100_000, 1_000_000):
@@ -411,16 +414,16 @@ def test_slice_count_fills_the_gpu():
 
 @needs_triton
 def test_triton_search_rejects_bad_arguments():
-    from grasp_kernels import knn as kernels
+    from grasp_kernels import topk_neighbor_mean as kernels
 
     x = torch.randn(10, 4)
     for slices in (-1, 65536):
         with pytest.raises(ValueError, match=r"slices must be in \[0, 65535\]"):
-            kernels.knn_search(x, x, 2, 0, False, slices)
+            kernels.topk_neighbor_mean_search(x, x, 2, 0, False, slices)
     with pytest.raises(ValueError, match=r"k = 11 must be in \[1, n = 10\]"):
-        kernels.knn_search(x, x, 11, 0, False)
+        kernels.topk_neighbor_mean_search(x, x, 11, 0, False)
     with pytest.raises(TypeError, match=r"db has dtype torch.float16"):
-        kernels.knn_search(x, x.half(), 2, 0, False)
+        kernels.topk_neighbor_mean_search(x, x.half(), 2, 0, False)
 
 
 # ---- autotuning keys on buckets, not on exact sizes ----
@@ -431,7 +434,7 @@ def test_autotuning_benchmarks_once_per_bucket(monkeypatch):
     query counts and database sizes benchmarks once per power-of-two bucket, not once per size."""
     import triton
 
-    from grasp_kernels import knn as kernels
+    from grasp_kernels import topk_neighbor_mean as kernels
 
     benchmarks = {"search": 0, "merge": 0, "gather": 0}
 
@@ -462,13 +465,13 @@ def test_autotuning_benchmarks_once_per_bucket(monkeypatch):
     sizes = [(q, n) for q in (17, 19, 23, 29, 31) for n in (49, 53, 59, 61, 67)]
     for q, n in sizes:
         queries = torch.randn(q, 8)
-        _, idx = kernels.knn_search(queries, db[:n], 3, 0, False)
-        kernels.gather_mean(db[:n], idx)
+        _, idx = kernels.topk_neighbor_mean_search(queries, db[:n], 3, 0, False)
+        kernels.topk_neighbor_mean_gather(db[:n], idx)
     # Buckets: queries 32; rows per slice (3 slices of 17..23 rows) 32; one dtype and flags.
     assert benchmarks == {"search": 2, "merge": 2, "gather": 2}, benchmarks
     # A new bucket benchmarks once more; a new size within it does not.
-    kernels.knn_search(torch.randn(5, 8), db, 3, 0, False)
-    kernels.knn_search(torch.randn(6, 8), db, 3, 0, False)
+    kernels.topk_neighbor_mean_search(torch.randn(5, 8), db, 3, 0, False)
+    kernels.topk_neighbor_mean_search(torch.randn(6, 8), db, 3, 0, False)
     assert benchmarks["search"] == 4 and benchmarks["merge"] == 4, benchmarks
 
 
@@ -478,13 +481,13 @@ def test_autotuning_benchmarks_once_per_bucket(monkeypatch):
 def test_triton_launches_on_the_tensors_device(monkeypatch):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from grasp_kernels import knn as kernels
+    from grasp_kernels import topk_neighbor_mean as kernels
 
     launches = record_launches(monkeypatch, kernels, ["_knn_search_kernel", "_knn_merge_kernel", "_gather_mean_kernel"])
     with FakeTensorMode():
         x = torch.empty(100, 16, device="cuda:1")
-        _, idx = kernels.knn_search(x, x, 5, 0, True, 2)
-        kernels.gather_mean(x, idx)
+        _, idx = kernels.topk_neighbor_mean_search(x, x, 5, 0, True, 2)
+        kernels.topk_neighbor_mean_gather(x, idx)
     assert [(launch.name, launch.current) for launch in launches] == [
         ("_knn_search_kernel", "cuda:1"), ("_knn_merge_kernel", "cuda:1"), ("_gather_mean_kernel", "cuda:1")
     ]
@@ -497,7 +500,7 @@ def test_faiss_gpu_search_runs_on_the_tensors_device(monkeypatch):
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from grasp.ops import _knn_faiss
+    from grasp.ops import _topk_neighbor_mean_faiss
 
     calls = []
 
@@ -508,12 +511,12 @@ def test_faiss_gpu_search_runs_on_the_tensors_device(monkeypatch):
     # faiss.contrib.torch_utils would patch faiss for torch tensors: an empty stand-in is "imported".
     monkeypatch.setitem(sys.modules, "faiss.contrib.torch_utils", types.ModuleType("faiss.contrib.torch_utils"))
     monkeypatch.setattr(faiss, "knn_gpu", knn_gpu, raising=False)
-    monkeypatch.setattr(_knn_faiss, "has_gpu", lambda: True)
-    monkeypatch.setattr(_knn_faiss, "_gpu_resources", lambda index: f"resources of GPU {index}")
+    monkeypatch.setattr(_topk_neighbor_mean_faiss, "has_gpu", lambda: True)
+    monkeypatch.setattr(_topk_neighbor_mean_faiss, "_gpu_resources", lambda index: f"resources of GPU {index}")
     monkeypatch.setattr(torch.cuda, "device", CurrentDevice)
     with FakeTensorMode():
         x = torch.empty(50, 8, device="cuda:1")
-        scores, idx = _knn_faiss._raw_search(x, x, 4)
+        scores, idx = _topk_neighbor_mean_faiss._raw_search(x, x, 4)
     assert calls == [("resources of GPU 1", 1, "cuda:1")]
     assert idx.shape == (50, 4) and idx.device == torch.device("cuda:1")
 
@@ -537,15 +540,27 @@ def test_autocast_is_ignored(device, backend):
         assert torch.equal(got[0], want[0])
 
 
-@pytest.mark.parametrize("device", [d for d in DEVICES if not knn.backend_reason(d, d)])
+@pytest.mark.parametrize("device", [d for d in DEVICES if not op_module.backend_reason(d, d)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_cpp_knn_search_ignores_autocast(device, dtype):
     queries = torch.randn(50, 64, dtype=dtype, device=device)
     db = torch.randn(3000, 64, dtype=dtype, device=device)
-    want = torch.ops.grasp.knn_search(queries, db, 5, 0, False)
+    want = torch.ops.grasp.topk_neighbor_mean_search(queries, db, 5, 0, False)
     with torch.autocast(device, dtype=AUTOCAST_DTYPE[device]):
-        got = torch.ops.grasp.knn_search(queries, db, 5, 0, False)
+        got = torch.ops.grasp.topk_neighbor_mean_search(queries, db, 5, 0, False)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("device,backend", [(dev, b) for dev, b in BACKEND_CASES if b in ("cpu", "cuda", "triton")])
+def test_kernel_ops_pass_opcheck(device, backend):
+    """The search and gather kernel ops (C++ and Triton) have schemas and fake kernels that agree with them."""
+    suffix = "_triton" if backend == "triton" else ""
+    search = getattr(torch.ops.grasp, "topk_neighbor_mean_search" + suffix)
+    gather = getattr(torch.ops.grasp, "topk_neighbor_mean_gather" + suffix)
+    x = torch.randn(37, 24, device=device)
+    torch.library.opcheck(search, (x[:11], x, 4, 3, True))
+    _, indices = search(x[:11], x, 4, 3, True)
+    torch.library.opcheck(gather, (x, indices))
 
 
 # ---- the fast path: proof bound, rescoring chunks, re-search route ----
@@ -557,24 +572,25 @@ def test_proof_bound_covers_both_roundings(D):
     q = torch.randn(40, D) * torch.logspace(-3, 3, 40).unsqueeze(1)
     db = torch.randn(500, D) * torch.logspace(-2, 2, 500)[torch.randperm(500)].unsqueeze(1)
     db[7] = db[3]
-    approx, cand = knn.knn_search_reference(q.bfloat16(), db.bfloat16(), 50, exclude_self=False)
-    rescored = knn._rescore(q, db, cand)
+    approx, cand = op_module.topk_neighbor_mean_search_reference(q.bfloat16(), db.bfloat16(), 50, exclude_self=False)
+    rescored = op_module._rescore(q, db, cand)
     exact = (q.double().unsqueeze(1) * db.double()[cand]).sum(-1)
     q_norms = torch.linalg.vector_norm(q, dim=1, dtype=torch.float64)
-    bound = knn._proof_bound(torch.bfloat16, D, q_norms, torch.linalg.vector_norm(db, dim=1, dtype=torch.float64).max())
+    db_norm = torch.linalg.vector_norm(db, dim=1, dtype=torch.float64).max()
+    bound = op_module._proof_bound(torch.bfloat16, D, q_norms, db_norm)
     error = (approx.double() - exact).abs() + (rescored.double() - exact).abs()
     assert (error <= bound.unsqueeze(1)).all()
     # and a usable one: for unit rows within 1.5 times the bfloat16 rounding term 2u = 2^-7
     unit = torch.ones(1, dtype=torch.float64)
-    assert knn._proof_bound(torch.bfloat16, D, unit, unit[0]).item() < 1.5 * 2.0**-7
+    assert op_module._proof_bound(torch.bfloat16, D, unit, unit[0]).item() < 1.5 * 2.0**-7
 
 
 def test_rescoring_in_chunks(monkeypatch):
     q, db = torch.randn(37, 24), torch.randn(300, 24)
     cand = torch.randint(0, 300, (37, 70))
     whole = (q.unsqueeze(1) * db[cand]).sum(-1)
-    monkeypatch.setattr(knn, "RESCORE_BYTES", 3 * 8 * 70 * 24)  # three rows per chunk
-    torch.testing.assert_close(knn._rescore(q, db, cand), whole, atol=1e-6, rtol=0)
+    monkeypatch.setattr(op_module, "RESCORE_BYTES", 3 * 8 * 70 * 24)  # three rows per chunk
+    torch.testing.assert_close(op_module._rescore(q, db, cand), whole, atol=1e-6, rtol=0)
 
 
 def test_research_route(monkeypatch):
@@ -584,16 +600,16 @@ def test_research_route(monkeypatch):
 
     def search(queries, db, k, start, excl):
         calls.append((k, start, excl))
-        return knn.knn_search_reference(queries, db, k, query_start=start, exclude_self=excl)
+        return op_module.topk_neighbor_mean_search_reference(queries, db, k, query_start=start, exclude_self=excl)
 
     queries, db = torch.randn(6, 160), torch.randn(90, 160)
-    want = knn.knn_search_reference(queries, db, 4, exclude_self=False)
+    want = op_module.topk_neighbor_mean_search_reference(queries, db, 4, exclude_self=False)
     for ieee in (True, False):
-        monkeypatch.setattr(knn, "_fp32_matmul_is_ieee", lambda ieee=ieee: ieee)
+        monkeypatch.setattr(op_module, "_fp32_matmul_is_ieee", lambda ieee=ieee: ieee)
         for backend, device, D, matmul in (("triton", "cuda", 160, ieee), ("triton", "cuda", 64, False),
                                            ("cuda", "cuda", 160, False), ("triton", "cpu", 160, False)):
             calls.clear()
-            s, i = knn._research_fn(backend, device, search, D)(queries, db, 4)
+            s, i = op_module._research_fn(backend, device, search, D)(queries, db, 4)
             assert calls == ([] if matmul else [(4, 0, False)])
             assert torch.equal(i, want[1])
 
@@ -602,9 +618,9 @@ def test_fp32_matmul_setting_is_read():
     before = torch.backends.cuda.matmul.fp32_precision
     try:
         torch.backends.cuda.matmul.fp32_precision = "tf32"
-        assert not knn._fp32_matmul_is_ieee()
+        assert not op_module._fp32_matmul_is_ieee()
         torch.backends.cuda.matmul.fp32_precision = "ieee"
-        assert knn._fp32_matmul_is_ieee()
+        assert op_module._fp32_matmul_is_ieee()
     finally:
         torch.backends.cuda.matmul.fp32_precision = before
 
@@ -613,7 +629,7 @@ def test_fp32_matmul_setting_is_read():
 def test_fast_search_through_the_sliced_triton_kernel(monkeypatch):
     """The fast path with the Triton kernel's bfloat16 candidates over 4 slices, self excluded for a
     slice of the rows, the unproven rows re-searched by the matmul route: equal to the float32 search."""
-    from grasp_kernels import knn as kernels
+    from grasp_kernels import topk_neighbor_mean as kernels
 
     monkeypatch.setattr(kernels, "_INTERPRET_SLICES", 4)
     centers = torch.randn(2, 24)  # clusters larger than the candidate list: proofs fail
@@ -621,13 +637,15 @@ def test_fast_search_through_the_sliced_triton_kernel(monkeypatch):
     x[101] = x[130]  # an exact tie (row 101 is a query)
     db32 = x / x.norm(dim=1, keepdim=True)
     norms = torch.linalg.vector_norm(db32, dim=1, dtype=torch.float64)
-    search = knn._search_fn("triton")
-    monkeypatch.setattr(knn, "_fp32_matmul_is_ieee", lambda: True)
-    research = knn._research_fn("triton", "cuda", search, 128)
+    search = op_module._search_fn("triton")
+    monkeypatch.setattr(op_module, "_fp32_matmul_is_ieee", lambda: True)
+    research = op_module._research_fn("triton", "cuda", search, 128)
     queries = db32[90:122].contiguous()
     for k in (1, 5):
-        want_s, want_i = knn.knn_search_reference(queries, db32, k, query_start=90, exclude_self=True)
-        s, i, redone = knn._fast_search(search, queries, db32, db32.bfloat16(), k, 90, True, norms[90:122],
+        want_s, want_i = op_module.topk_neighbor_mean_search_reference(
+            queries, db32, k, query_start=90, exclude_self=True
+        )
+        s, i, redone = op_module._fast_search(search, queries, db32, db32.bfloat16(), k, 90, True, norms[90:122],
                                         norms.max(), research)
         assert redone > 0, "near-tie data must make some proofs fail"
         assert not (i == torch.arange(90, 122).unsqueeze(1)).any()

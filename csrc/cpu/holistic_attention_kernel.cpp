@@ -145,12 +145,12 @@ void forward_impl(const at::Tensor& user, const at::Tensor& user_sim, const at::
   });
 }
 
-at::Tensor hae_forward_cpu(const at::Tensor& user, const at::Tensor& user_sim, const at::Tensor& item,
+at::Tensor holistic_attention_forward_cpu(const at::Tensor& user, const at::Tensor& user_sim, const at::Tensor& item,
                            const at::Tensor& item_sim, const c10::optional<at::Tensor>& mask, bool softmax) {
   check_inputs(user, user_sim, item, item_sim, mask);
   const int64_t B = item.size(0), L = item.size(1), d = item.size(2);
   at::Tensor out = at::empty({B, L, 4 * d}, item.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, item.scalar_type(), "hae_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, item.scalar_type(), "holistic_attention_forward_cpu", [&] {
     forward_impl<scalar_t>(user, user_sim, item, item_sim, mask, softmax, out);
   });
   return out;
@@ -260,7 +260,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& user, const at:
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hae_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> holistic_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& user, const at::Tensor& user_sim, const at::Tensor& item,
     const at::Tensor& item_sim, const c10::optional<at::Tensor>& mask, bool softmax) {
   check_inputs(user, user_sim, item, item_sim, mask);
@@ -270,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hae_backward_cpu(
               "hae (cpu): grad_out must be a contiguous [B, L, 4d] tensor of the inputs' dtype");
   at::Tensor g_user = at::empty_like(user), g_user_sim = at::empty_like(user_sim);
   at::Tensor g_item = at::empty_like(item), g_item_sim = at::empty_like(item_sim);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, item.scalar_type(), "hae_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, item.scalar_type(), "holistic_attention_backward_cpu", [&] {
     backward_impl<scalar_t>(grad_out, user, user_sim, item, item_sim, mask, softmax, g_user, g_user_sim,
                             g_item, g_item_sim);
   });
@@ -280,8 +280,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hae_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(grasp, CPU, m) {
-  m.impl("hae_forward", &hae_forward_cpu);
-  m.impl("hae_backward", &hae_backward_cpu);
+  m.impl("holistic_attention_forward", &holistic_attention_forward_cpu);
+  m.impl("holistic_attention_backward", &holistic_attention_backward_cpu);
 }
 
 }  // namespace grasp

@@ -30,29 +30,29 @@ Sizes check_inputs(const at::Tensor& user, const at::Tensor& user_sim, const at:
                    const at::Tensor& item_sim, const at::Tensor& values, const at::Tensor& user_index,
                    const at::Tensor& item_index) {
   TORCH_CHECK(user.dim() == 2 && item.dim() == 2 && user.size(1) == item.size(1),
-              "hae_gather (cpu): user [U, d] and item [M, d] must share d, got ", user.sizes(), " and ",
+              "holistic_attention_projected (cpu): user [U, d] and item [M, d] must share d, got ", user.sizes(), " and ",
               item.sizes());
   TORCH_CHECK(user_sim.sizes() == user.sizes() && item_sim.sizes() == item.sizes(),
-              "hae_gather (cpu): user_sim / item_sim must match user / item");
+              "holistic_attention_projected (cpu): user_sim / item_sim must match user / item");
   TORCH_CHECK(values.dim() == 3 && values.size(0) == item.size(0) && values.size(1) == 3,
-              "hae_gather (cpu): values must be [M, 3, e] with M = ", item.size(0), ", got ", values.sizes());
+              "holistic_attention_projected (cpu): values must be [M, 3, e] with M = ", item.size(0), ", got ", values.sizes());
   TORCH_CHECK(user_index.dim() == 1 && item_index.sizes() == user_index.sizes(),
-              "hae_gather (cpu): user_index and item_index must be 1-d of one length");
+              "holistic_attention_projected (cpu): user_index and item_index must be 1-d of one length");
   for (const at::Tensor* t : {&user, &user_sim, &item, &item_sim, &values}) {
     TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == item.scalar_type(),
-                "hae_gather (cpu): inputs must be contiguous CPU tensors of one dtype");
+                "holistic_attention_projected (cpu): inputs must be contiguous CPU tensors of one dtype");
   }
   for (const at::Tensor* t : {&user_index, &item_index}) {
     TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kLong,
-                "hae_gather (cpu): indices must be contiguous int64 CPU tensors");
+                "holistic_attention_projected (cpu): indices must be contiguous int64 CPU tensors");
   }
   // The kernels index tables with these: a bad one would read or write outside them (O(N), next to the
   // kernels' O(N (d + e)) work).
   const int64_t N = user_index.size(0), U = user.size(0), M = item.size(0);
   const int64_t *ui = user_index.const_data_ptr<int64_t>(), *ii = item_index.const_data_ptr<int64_t>();
   for (int64_t n = 0; n < N; ++n) {
-    TORCH_CHECK(ui[n] >= 0 && ui[n] < U, "hae_gather (cpu): user_index[", n, "] = ", ui[n], " is outside 0..", U - 1);
-    TORCH_CHECK(ii[n] >= 0 && ii[n] < M, "hae_gather (cpu): item_index[", n, "] = ", ii[n], " is outside 0..", M - 1);
+    TORCH_CHECK(ui[n] >= 0 && ui[n] < U, "holistic_attention_projected (cpu): user_index[", n, "] = ", ui[n], " is outside 0..", U - 1);
+    TORCH_CHECK(ii[n] >= 0 && ii[n] < M, "holistic_attention_projected (cpu): item_index[", n, "] = ", ii[n], " is outside 0..", M - 1);
   }
   return {U, M, N, item.size(1), values.size(2)};
 }
@@ -201,29 +201,29 @@ void backward_impl(const scalar_t* go, const Inputs<scalar_t>& in, scalar_t* gu,
   });
 }
 
-at::Tensor hae_gather_forward_cpu(const at::Tensor& user, const at::Tensor& user_sim, const at::Tensor& item,
+at::Tensor holistic_attention_projected_forward_cpu(const at::Tensor& user, const at::Tensor& user_sim, const at::Tensor& item,
                                   const at::Tensor& item_sim, const at::Tensor& values,
                                   const at::Tensor& user_index, const at::Tensor& item_index) {
   const Sizes s = check_inputs(user, user_sim, item, item_sim, values, user_index, item_index);
   at::Tensor out = at::empty({s.N, s.e}, item.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, item.scalar_type(), "hae_gather_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, item.scalar_type(), "holistic_attention_projected_forward_cpu", [&] {
     forward_impl<scalar_t>(Inputs<scalar_t>(user, user_sim, item, item_sim, values, user_index, item_index, s),
                            out.data_ptr<scalar_t>());
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hae_gather_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> holistic_attention_projected_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& user, const at::Tensor& user_sim, const at::Tensor& item,
     const at::Tensor& item_sim, const at::Tensor& values, const at::Tensor& user_index,
     const at::Tensor& item_index) {
   const Sizes s = check_inputs(user, user_sim, item, item_sim, values, user_index, item_index);
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({s.N, s.e}) && grad_out.is_contiguous() &&
                   grad_out.scalar_type() == item.scalar_type(),
-              "hae_gather (cpu): grad_out must be a contiguous [N, e] tensor of the inputs' dtype");
+              "holistic_attention_projected (cpu): grad_out must be a contiguous [N, e] tensor of the inputs' dtype");
   at::Tensor gu = at::empty_like(user), gus = at::empty_like(user_sim);
   at::Tensor gi = at::empty_like(item), gis = at::empty_like(item_sim), gv = at::empty_like(values);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, item.scalar_type(), "hae_gather_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, item.scalar_type(), "holistic_attention_projected_backward_cpu", [&] {
     backward_impl<scalar_t>(grad_out.const_data_ptr<scalar_t>(),
                             Inputs<scalar_t>(user, user_sim, item, item_sim, values, user_index, item_index, s),
                             gu.data_ptr<scalar_t>(), gus.data_ptr<scalar_t>(), gi.data_ptr<scalar_t>(),
@@ -235,8 +235,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hae_gathe
 }  // namespace
 
 TORCH_LIBRARY_IMPL(grasp, CPU, m) {
-  m.impl("hae_gather_forward", &hae_gather_forward_cpu);
-  m.impl("hae_gather_backward", &hae_gather_backward_cpu);
+  m.impl("holistic_attention_projected_forward", &holistic_attention_projected_forward_cpu);
+  m.impl("holistic_attention_projected_backward", &holistic_attention_projected_backward_cpu);
 }
 
 }  // namespace grasp

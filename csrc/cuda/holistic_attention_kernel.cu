@@ -1,4 +1,4 @@
-// CUDA kernels of the holistic-attention operator (DESIGN.md section 2).
+// CUDA kernels of the holistic-attention operator (docs/design.md section 2).
 //
 // For every position p = (b, l), with s1 = <u, i>, s2 = <ū, ī>:
 //   z = (s1 / sqrt(d), s2 / sqrt(d), (s1 + s2) / sqrt(2d)),  a = act(z),
@@ -290,7 +290,7 @@ __device__ __forceinline__ void team_scores_and_da(const Rows<T>& r, const T* g,
 
 template <typename T, typename acc_t, int VEC, bool SOFTMAX>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<acc_t, 0>)
-    hae_forward_kernel(const Inputs<T> in, T* __restrict__ out, int64_t positions, int team,
+    holistic_attention_forward_kernel(const Inputs<T> in, T* __restrict__ out, int64_t positions, int team,
                        Scales sc) {
   const int64_t d = in.d;
   const int64_t cols = d / VEC;
@@ -585,7 +585,7 @@ __device__ __forceinline__ void backward_user_row(const T* grad_out, const Input
 // pass recomputes the scores, so a wide row re-reads its inputs once per pass.
 template <typename T, typename acc_t, int VEC, bool SOFTMAX, int CH>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<acc_t, CH>)
-    hae_backward_kernel(const T* __restrict__ grad_out, const Inputs<T> in, Grads<T> gr,
+    holistic_attention_backward_kernel(const T* __restrict__ grad_out, const Inputs<T> in, Grads<T> gr,
                         int64_t positions, int team, Scales sc) {
   constexpr bool kUserRow = CH > 0;
   const int64_t d = in.d;
@@ -721,10 +721,10 @@ void launch_forward(const Inputs<T>& in, T* out, int64_t B, bool softmax) {
   const Scales sc = scales(in.d);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (softmax) {
-    hae_forward_kernel<T, acc_t, VEC, true>
+    holistic_attention_forward_kernel<T, acc_t, VEC, true>
         <<<static_cast<unsigned>(B), kThreads, 0, stream>>>(in, out, positions, team, sc);
   } else {
-    hae_forward_kernel<T, acc_t, VEC, false>
+    holistic_attention_forward_kernel<T, acc_t, VEC, false>
         <<<static_cast<unsigned>(flat_blocks(positions, team)), kThreads, 0, stream>>>(
             in, out, positions, team, sc);
   }
@@ -740,7 +740,7 @@ constexpr int kMaxUserChunks = 16 / VEC;
 template <typename T, typename acc_t, int VEC, bool SOFTMAX, int CH>
 void launch_backward_kernel(const T* grad_out, const Inputs<T>& in, const Grads<T>& gr,
                             int64_t blocks, int64_t positions, int team) {
-  hae_backward_kernel<T, acc_t, VEC, SOFTMAX, CH>
+  holistic_attention_backward_kernel<T, acc_t, VEC, SOFTMAX, CH>
       <<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           grad_out, in, gr, positions, team, scales(in.d));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -777,7 +777,7 @@ void launch_backward(const T* grad_out, const Inputs<T>& in, const Grads<T>& gr,
   }
 }
 
-at::Tensor hae_forward_cuda(const at::Tensor& user, const at::Tensor& user_sim,
+at::Tensor holistic_attention_forward_cuda(const at::Tensor& user, const at::Tensor& user_sim,
                             const at::Tensor& item, const at::Tensor& item_sim,
                             const std::optional<at::Tensor>& mask, bool softmax) {
   check_inputs(user, user_sim, item, item_sim, mask);
@@ -789,7 +789,7 @@ at::Tensor hae_forward_cuda(const at::Tensor& user, const at::Tensor& user_sim,
   if (out.numel() == 0) return out;  // B * L == 0 or d == 0: nothing to compute
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, item.scalar_type(), "hae_forward_cuda", [&] {
+      at::kHalf, at::kBFloat16, item.scalar_type(), "holistic_attention_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         constexpr int kVec = 16 / sizeof(scalar_t);
         const auto in = make_inputs<scalar_t>(user, user_sim, item, item_sim, mask);
@@ -803,7 +803,7 @@ at::Tensor hae_forward_cuda(const at::Tensor& user, const at::Tensor& user_sim,
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hae_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> holistic_attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& user, const at::Tensor& user_sim,
     const at::Tensor& item, const at::Tensor& item_sim, const std::optional<at::Tensor>& mask,
     bool softmax) {
@@ -832,7 +832,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hae_backward_cuda(
   at::Tensor grad_item_sim = at::empty(item_sim.sizes(), item_sim.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, item.scalar_type(), "hae_backward_cuda", [&] {
+      at::kHalf, at::kBFloat16, item.scalar_type(), "holistic_attention_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         constexpr int kVec = 16 / sizeof(scalar_t);
         const auto in = make_inputs<scalar_t>(user, user_sim, item, item_sim, mask);
@@ -853,6 +853,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hae_backward_cuda(
 }  // namespace grasp
 
 TORCH_LIBRARY_IMPL(grasp, CUDA, m) {
-  m.impl("hae_forward", &grasp::hae_forward_cuda);
-  m.impl("hae_backward", &grasp::hae_backward_cuda);
+  m.impl("holistic_attention_forward", &grasp::holistic_attention_forward_cuda);
+  m.impl("holistic_attention_backward", &grasp::holistic_attention_backward_cuda);
 }

@@ -264,22 +264,22 @@ void check_inputs(const at::Tensor& user, const at::Tensor& user_sim, const at::
                   const at::Tensor& item_sim, const at::Tensor& values, const at::Tensor& user_index,
                   const at::Tensor& item_index) {
   TORCH_CHECK(user.dim() == 2 && item.dim() == 2 && user.size(1) == item.size(1),
-              "hae_gather (CUDA): user [U, d] and item [M, d] must share d, got ", user.sizes(), " and ",
+              "holistic_attention_projected (CUDA): user [U, d] and item [M, d] must share d, got ", user.sizes(), " and ",
               item.sizes());
   TORCH_CHECK(user_sim.sizes() == user.sizes() && item_sim.sizes() == item.sizes(),
-              "hae_gather (CUDA): user_sim / item_sim must match user / item");
+              "holistic_attention_projected (CUDA): user_sim / item_sim must match user / item");
   TORCH_CHECK(values.dim() == 3 && values.size(0) == item.size(0) && values.size(1) == 3,
-              "hae_gather (CUDA): values must be [M, 3, e] with M = ", item.size(0), ", got ", values.sizes());
+              "holistic_attention_projected (CUDA): values must be [M, 3, e] with M = ", item.size(0), ", got ", values.sizes());
   TORCH_CHECK(user_index.dim() == 1 && item_index.sizes() == user_index.sizes(),
-              "hae_gather (CUDA): user_index and item_index must be 1-d of one length");
+              "holistic_attention_projected (CUDA): user_index and item_index must be 1-d of one length");
   for (const at::Tensor* t : {&user, &user_sim, &item, &item_sim, &values}) {
     TORCH_CHECK(t->is_cuda() && t->device() == item.device() && t->is_contiguous() &&
                     t->scalar_type() == item.scalar_type(),
-                "hae_gather (CUDA): inputs must be contiguous tensors of one dtype on one CUDA device");
+                "holistic_attention_projected (CUDA): inputs must be contiguous tensors of one dtype on one CUDA device");
   }
   for (const at::Tensor* t : {&user_index, &item_index}) {
     TORCH_CHECK(t->device() == item.device() && t->is_contiguous() && t->scalar_type() == at::kLong,
-                "hae_gather (CUDA): indices must be contiguous int64 tensors on the inputs' device");
+                "holistic_attention_projected (CUDA): indices must be contiguous int64 tensors on the inputs' device");
   }
 }
 
@@ -300,7 +300,7 @@ unsigned blocks_for(int64_t pairs) {
   return static_cast<unsigned>(std::min((pairs + kWarpsPerBlock - 1) / kWarpsPerBlock, kMaxBlocks));
 }
 
-at::Tensor hae_gather_forward_cuda(const at::Tensor& user, const at::Tensor& user_sim, const at::Tensor& item,
+at::Tensor holistic_attention_projected_forward_cuda(const at::Tensor& user, const at::Tensor& user_sim, const at::Tensor& item,
                                    const at::Tensor& item_sim, const at::Tensor& values,
                                    const at::Tensor& user_index, const at::Tensor& item_index) {
   check_inputs(user, user_sim, item, item_sim, values, user_index, item_index);
@@ -308,7 +308,7 @@ at::Tensor hae_gather_forward_cuda(const at::Tensor& user, const at::Tensor& use
   const int64_t N = user_index.size(0), d = item.size(1), e = values.size(2);
   at::Tensor out = at::empty({N, e}, item.options());
   if (N == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, item.scalar_type(), "hae_gather_forward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, item.scalar_type(), "holistic_attention_projected_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto in = make_inputs<scalar_t>(user, user_sim, item, item_sim, values, user_index, item_index);
     const acc_t c1 = acc_t(1) / std::sqrt(acc_t(d)), c2 = acc_t(1) / std::sqrt(acc_t(2 * d));
@@ -358,7 +358,7 @@ void launch_segment_sum(SegmentSum<T, acc_t, K> a, const at::Tensor& partial, cu
 }
 
 // Deterministic: no atomics, and every sum runs in an order fixed by the inputs (sorted pairs, fixed chunks).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hae_gather_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> holistic_attention_projected_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& user, const at::Tensor& user_sim, const at::Tensor& item,
     const at::Tensor& item_sim, const at::Tensor& values, const at::Tensor& user_index,
     const at::Tensor& item_index) {
@@ -366,7 +366,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hae_gathe
   const int64_t N = user_index.size(0), d = item.size(1), e = values.size(2);
   TORCH_CHECK(grad_out.device() == item.device() && grad_out.scalar_type() == item.scalar_type() &&
                   grad_out.is_contiguous() && grad_out.dim() == 2 && grad_out.size(0) == N && grad_out.size(1) == e,
-              "hae_gather (CUDA): grad_out must be a contiguous [N, e] = [", N, ", ", e,
+              "holistic_attention_projected (CUDA): grad_out must be a contiguous [N, e] = [", N, ", ", e,
               "] tensor of the inputs' dtype and device, got ", grad_out.sizes());
   const c10::cuda::CUDAGuard guard(item.device());
   at::Tensor gu = at::zeros_like(user), gus = at::zeros_like(user_sim), gi = at::zeros_like(item),
@@ -379,7 +379,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hae_gathe
   const at::Tensor partial3 = at::empty({chunks, 2, 3, e}, item.options().dtype(acc_dtype));
   const at::Tensor partial2 = at::empty({chunks, 2, 2, d}, item.options().dtype(acc_dtype));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, item.scalar_type(), "hae_gather_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, item.scalar_type(), "holistic_attention_projected_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto in = make_inputs<scalar_t>(user, user_sim, item, item_sim, values, user_index, item_index);
     const acc_t c1 = acc_t(1) / std::sqrt(acc_t(d)), c2 = acc_t(1) / std::sqrt(acc_t(2 * d));
@@ -412,6 +412,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hae_gathe
 }  // namespace grasp
 
 TORCH_LIBRARY_IMPL(grasp, CUDA, m) {
-  m.impl("hae_gather_forward", &grasp::hae_gather_forward_cuda);
-  m.impl("hae_gather_backward", &grasp::hae_gather_backward_cuda);
+  m.impl("holistic_attention_projected_forward", &grasp::holistic_attention_projected_forward_cuda);
+  m.impl("holistic_attention_projected_backward", &grasp::holistic_attention_projected_backward_cuda);
 }

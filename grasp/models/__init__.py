@@ -1,4 +1,4 @@
-"""Sequential recommenders: backbones x item representations (DESIGN.md section 5).
+"""Sequential recommenders: backbones x item representations (docs/design.md section 6).
 
 ``build_model(backbone, model, num_users=, num_items=, tables=, ...)`` builds a :class:`Recommender` from
 one of :data:`BACKBONES` (SASRec, BERT4Rec, GRU4Rec) and one of :data:`MODELS` (``id``, ``grasp``,

@@ -5,7 +5,7 @@ The same vector is used as the backbone's input at a position and to score that 
 * :class:`IdEncoder` (models ``id`` and ``llminit``): a trainable ``nn.Embedding(num_items + 2, d)``; row 0
   is padding (zeros), row ``num_items + 1`` the BERT4Rec mask token. ``llminit`` initialises it with
   :func:`pca_embedding` of the LLM item embeddings.
-* :class:`GraspEncoder` (model ``grasp``, DESIGN.md section 5): ``id_embedding(item) + enhancer(user, item)``,
+* :class:`GraspEncoder` (model ``grasp``, docs/design.md section 6): ``id_embedding(item) + enhancer(user, item)``,
   the enhancer being :class:`GraspEnhancer`.
 * :class:`DualViewEncoder` (model ``llmesr``): LLM-ESR's two views side by side, ``[id | adapter(I)]``.
 
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from grasp.nn import Adapter
 from grasp.ops import holistic_attention, holistic_attention_projected
-from grasp.ops.hae_projected import has_kernel
+from grasp.ops.holistic_attention_projected import has_kernel
 
 __all__ = [
     "BRANCHES",
@@ -147,7 +147,7 @@ class IdEncoder(nn.Module):
 
 
 class GraspEnhancer(nn.Module):
-    """GRASP's holistic attention enhancement of an item for a user (DESIGN.md sections 2 and 5).
+    """GRASP's holistic attention enhancement of an item for a user (docs/design.md sections 2 and 6).
 
     Frozen, non-trainable buffers ``U, Ū`` ``[num_users + 1, D]`` and ``I, Ī`` ``[num_items + 2, D]``
     (a zero row is appended for the mask token) are not part of ``parameters()`` nor of the state dict:

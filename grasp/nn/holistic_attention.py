@@ -1,11 +1,11 @@
-"""``grasp.nn.HolisticAttention``: the GRASP enhancer block (DESIGN.md section 5)."""
+"""``grasp.nn.HolisticAttention``: the GRASP enhancer block (docs/design.md section 6)."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
 from grasp.nn.dropout import Dropout
-from grasp.ops.hae import ACTIVATIONS, holistic_attention
+from grasp.ops.holistic_attention import ACTIVATIONS, holistic_attention
 
 
 class Adapter(nn.Sequential):

@@ -1,4 +1,4 @@
-"""Backend selection shared by the operators (DESIGN.md section 4).
+"""Backend selection shared by the operators (docs/design.md section 5).
 
 An explicit ``backend=`` argument wins; otherwise ``GRASP_BACKEND`` forces one;
 otherwise the first available backend of the op's preference order for the

@@ -1,6 +1,6 @@
-// CPU kernels of the top-k neighbour operator (schemas in ../knn.cpp).
+// CPU kernels of the top-k neighbour operator (schemas in ../topk_neighbor_mean.cpp).
 //
-// knn_search: the queries are cut into tiles of up to kQueryTile rows and each
+// topk_neighbor_mean_search: the queries are cut into tiles of up to kQueryTile rows and each
 // tile streams the database in tiles of kDbTile rows. A tile's similarities
 // come from one ATen matmul ([query_tile, D] x [D, db_tile]) into a reusable
 // per-thread buffer (2 MiB), which the same thread then scans while it is
@@ -26,7 +26,7 @@
 // Autocast is excluded inside the op, so an enclosing torch.autocast cannot turn
 // the tile matmuls into 16-bit ones.
 //
-// gather_mean: one task per block of query rows, accumulating in float32
+// topk_neighbor_mean_gather: one task per block of query rows, accumulating in float32
 // (float64 for float64 x).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -287,21 +287,21 @@ void search_impl(const at::Tensor& queries, const at::Tensor& db, int64_t k, int
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> knn_search_cpu(const at::Tensor& queries, const at::Tensor& db, int64_t k,
+std::tuple<at::Tensor, at::Tensor> topk_neighbor_mean_search_cpu(const at::Tensor& queries, const at::Tensor& db, int64_t k,
                                                   int64_t query_start, bool exclude_self) {
   TORCH_CHECK(queries.dim() == 2 && db.dim() == 2,
-              "knn_search (cpu): queries [q, D] and db [n, D] expected, got ", queries.sizes(), " and ",
+              "topk_neighbor_mean_search (cpu): queries [q, D] and db [n, D] expected, got ", queries.sizes(), " and ",
               db.sizes());
-  TORCH_CHECK(queries.size(1) == db.size(1), "knn_search (cpu): D mismatch: queries ", queries.sizes(),
+  TORCH_CHECK(queries.size(1) == db.size(1), "topk_neighbor_mean_search (cpu): D mismatch: queries ", queries.sizes(),
               ", db ", db.sizes());
   TORCH_CHECK(queries.device().is_cpu() && db.device().is_cpu() && queries.is_contiguous() &&
                   db.is_contiguous() && queries.scalar_type() == db.scalar_type(),
-              "knn_search (cpu): queries and db must be contiguous CPU tensors of one dtype");
+              "topk_neighbor_mean_search (cpu): queries and db must be contiguous CPU tensors of one dtype");
   const int64_t q = queries.size(0), n = db.size(0);
-  TORCH_CHECK(n >= 1 && queries.size(1) >= 1, "knn_search (cpu): empty database or D = 0");
-  TORCH_CHECK(k >= 1 && k <= n - (exclude_self ? 1 : 0), "knn_search (cpu): k = ", k,
+  TORCH_CHECK(n >= 1 && queries.size(1) >= 1, "topk_neighbor_mean_search (cpu): empty database or D = 0");
+  TORCH_CHECK(k >= 1 && k <= n - (exclude_self ? 1 : 0), "topk_neighbor_mean_search (cpu): k = ", k,
               " out of range for n = ", n, exclude_self ? " with exclude_self" : "");
-  TORCH_CHECK(query_start >= 0, "knn_search (cpu): query_start must be >= 0, got ", query_start);
+  TORCH_CHECK(query_start >= 0, "topk_neighbor_mean_search (cpu): query_start must be >= 0, got ", query_start);
   // The tiles are multiplied in the inputs' precision whatever autocast says (worker threads start
   // without autocast; this covers the calling thread, which takes tasks too).
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -309,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor> knn_search_cpu(const at::Tensor& queries, con
   at::Tensor indices = at::empty({q, k}, queries.options().dtype(at::kLong));
   if (q == 0) return {scores, indices};
   const at::Tensor qd = queries.detach(), dd = db.detach();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, queries.scalar_type(), "knn_search_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, queries.scalar_type(), "topk_neighbor_mean_search_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (k <= kSortedK) {
       search_impl<scalar_t, SortedTopK<acc_t>>(qd, dd, k, query_start, exclude_self, scores, indices);
@@ -321,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor> knn_search_cpu(const at::Tensor& queries, con
 }
 
 template <typename scalar_t>
-void gather_mean_impl(const at::Tensor& x, const at::Tensor& indices, at::Tensor& out) {
+void topk_neighbor_mean_gather_impl(const at::Tensor& x, const at::Tensor& indices, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = x.size(0), D = x.size(1), q = indices.size(0), k = indices.size(1);
   const scalar_t* x_p = x.const_data_ptr<scalar_t>();
@@ -336,7 +336,7 @@ void gather_mean_impl(const at::Tensor& x, const at::Tensor& indices, at::Tensor
       acc_t* a = acc.data();
       for (int64_t i = 0; i < k; ++i) {
         const int64_t j = idx_p[r * k + i];
-        TORCH_CHECK(j >= 0 && j < n, "gather_mean (cpu): index ", j, " out of range for n = ", n);
+        TORCH_CHECK(j >= 0 && j < n, "topk_neighbor_mean_gather (cpu): index ", j, " out of range for n = ", n);
         const scalar_t* xr = x_p + j * D;
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) a[d] += static_cast<acc_t>(xr[d]);
@@ -349,26 +349,26 @@ void gather_mean_impl(const at::Tensor& x, const at::Tensor& indices, at::Tensor
   });
 }
 
-at::Tensor gather_mean_cpu(const at::Tensor& x, const at::Tensor& indices) {
-  TORCH_CHECK(x.dim() == 2, "gather_mean (cpu): x must be [n, D], got ", x.sizes());
+at::Tensor topk_neighbor_mean_gather_cpu(const at::Tensor& x, const at::Tensor& indices) {
+  TORCH_CHECK(x.dim() == 2, "topk_neighbor_mean_gather (cpu): x must be [n, D], got ", x.sizes());
   TORCH_CHECK(indices.dim() == 2 && indices.scalar_type() == at::kLong,
-              "gather_mean (cpu): indices must be an int64 [q, k] tensor");
+              "topk_neighbor_mean_gather (cpu): indices must be an int64 [q, k] tensor");
   TORCH_CHECK(
       x.device().is_cpu() && indices.device().is_cpu() && x.is_contiguous() && indices.is_contiguous(),
-      "gather_mean (cpu): x and indices must be contiguous CPU tensors");
-  TORCH_CHECK(indices.size(1) >= 1, "gather_mean (cpu): k must be >= 1");
+      "topk_neighbor_mean_gather (cpu): x and indices must be contiguous CPU tensors");
+  TORCH_CHECK(indices.size(1) >= 1, "topk_neighbor_mean_gather (cpu): k must be >= 1");
   at::Tensor out = at::empty({indices.size(0), x.size(1)}, x.options());
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gather_mean_cpu",
-                                  [&] { gather_mean_impl<scalar_t>(x, indices, out); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "topk_neighbor_mean_gather_cpu",
+                                  [&] { topk_neighbor_mean_gather_impl<scalar_t>(x, indices, out); });
   return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(grasp, CPU, m) {
-  m.impl("knn_search", &knn_search_cpu);
-  m.impl("gather_mean", &gather_mean_cpu);
+  m.impl("topk_neighbor_mean_search", &topk_neighbor_mean_search_cpu);
+  m.impl("topk_neighbor_mean_gather", &topk_neighbor_mean_gather_cpu);
 }
 
 }  // namespace grasp

@@ -1,8 +1,8 @@
-"""Holistic sigmoid attention, ``grasp.ops.holistic_attention`` (DESIGN.md section 2).
+"""Holistic sigmoid attention, ``grasp.ops.holistic_attention`` (docs/design.md section 2).
 
 Public entry point, input validation, backend dispatch, and the autograd and
-fake (meta) registrations of the C++ operators ``grasp::hae_forward`` /
-``grasp::hae_backward`` (their CPU and CUDA kernels live in ``csrc/``). The
+fake (meta) registrations of the C++ operators ``grasp::holistic_attention_forward`` /
+``grasp::holistic_attention_backward`` (their CPU and CUDA kernels live in ``csrc/``). The
 Triton kernels and their ops live in ``grasp_kernels/holistic_attention.py``.
 """
 
@@ -13,15 +13,14 @@ from torch import Tensor
 
 from grasp import _extension
 from grasp.ops import _backends
-from grasp.ops._hae_reference import holistic_attention_reference
+from grasp.ops._holistic_attention_reference import holistic_attention_reference
+from grasp.ops._kernel_glue import FLOAT_DTYPES, TRITON_DTYPES, register_holistic_attention
 
 __all__ = [
     "AUTO_ORDER", "GPU_TARGET", "backend_reason", "holistic_attention", "holistic_attention_reference", "kernel_bytes"
 ]
 
 ACTIVATIONS = ("sigmoid", "softmax")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _KERNEL_MODULE = "grasp_kernels.holistic_attention"
 
 #: Where the default order on CUDA is decided: a training step on a GPU (bfloat16, a ``[B, d]`` user).
@@ -61,7 +60,7 @@ def backend_reason(backend: str, device_type: str, dtype: torch.dtype | None = N
     if backend == "reference":
         return ""
     if backend in ("cpu", "cuda"):
-        return _backends.extension_reason(backend, device_type, "hae_forward")
+        return _backends.extension_reason(backend, device_type, "holistic_attention_forward")
     if backend == "triton":
         if dtype is not None and dtype not in TRITON_DTYPES:
             return f"the Triton kernels take float32, float16 and bfloat16, not {dtype}"
@@ -132,7 +131,7 @@ def holistic_attention(
     activation: str = "sigmoid",
     backend: str | None = None,
 ) -> Tensor:
-    """Holistic attention over the self, similar and global branches (DESIGN.md section 2).
+    """Holistic attention over the self, similar and global branches (docs/design.md section 2).
 
     For each batch row b and position l, with ``u = user[b]`` (or ``user[b, l]``), ``i = item[b, l]``
     and likewise for the ``*_sim`` inputs, ``s1 = <u, i>``, ``s2 = <u_sim, i_sim>`` and::
@@ -192,45 +191,10 @@ def _holistic_attention(
     args = (user.contiguous(), user_sim.contiguous(), item.contiguous(), item_sim.contiguous())
     mask = None if mask is None else mask.contiguous()
     softmax = activation == "softmax"
-    if name == "triton":
-        import grasp_kernels.holistic_attention  # noqa: F401  (registers grasp::hae_forward_triton)
-
-        return torch.ops.grasp.hae_forward_triton(*args, mask, softmax)
-    return torch.ops.grasp.hae_forward(*args, mask, softmax)
+    if name == "triton":  # choosing it imported grasp_kernels.holistic_attention, which defines the op
+        return torch.ops.grasp.holistic_attention_forward_triton(*args, mask, softmax)
+    return torch.ops.grasp.holistic_attention_forward(*args, mask, softmax)
 
 
-# ---- fake kernels and autograd of the kernel ops (C++ here, Triton in grasp_kernels) ----
-
-
-def register_op_glue(forward: str, backward: str) -> None:
-    """Register fake (meta) kernels for a forward/backward op pair and autograd on the forward.
-
-    Both pairs, ``grasp::hae_forward``/``hae_backward`` (C++) and ``grasp::hae_forward_triton``/
-    ``hae_backward_triton``, share the schemas of csrc/holistic_attention.cpp. The backward saves only
-    the inputs and recomputes the gates.
-    """
-    backward_op = getattr(torch.ops.grasp, backward.split("::")[1])
-
-    @torch.library.register_fake(forward)
-    def _forward_fake(user, user_sim, item, item_sim, mask, softmax):
-        B, L, d = item.shape
-        return item.new_empty((B, L, 4 * d))
-
-    @torch.library.register_fake(backward)
-    def _backward_fake(grad_out, user, user_sim, item, item_sim, mask, softmax):
-        return tuple(t.new_empty(t.shape) for t in (user, user_sim, item, item_sim))
-
-    def setup_context(ctx, inputs, output) -> None:
-        user, user_sim, item, item_sim, mask, softmax = inputs
-        ctx.save_for_backward(user, user_sim, item, item_sim, mask)
-        ctx.softmax = softmax
-
-    def backward_fn(ctx, grad_out: Tensor):
-        grads = backward_op(grad_out.contiguous(), *ctx.saved_tensors, ctx.softmax)
-        return (*grads, None, None)  # no gradient for mask and softmax
-
-    torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
-
-
-if _extension.has_op("hae_forward"):
-    register_op_glue("grasp::hae_forward", "grasp::hae_backward")
+if _extension.has_op("holistic_attention_forward"):
+    register_holistic_attention("grasp::holistic_attention_forward", "grasp::holistic_attention_backward")

@@ -1,6 +1,6 @@
-// CUDA kernels of the top-k neighbour operator (DESIGN.md section 3; schemas in csrc/knn.cpp).
+// CUDA kernels of the top-k neighbour operator (docs/design.md section 4; schemas in csrc/topk_neighbor_mean.cpp).
 //
-// knn_search(queries [q, D], db [n, D], k, query_start, exclude_self)
+// topk_neighbor_mean_search(queries [q, D], db [n, D], k, query_start, exclude_self)
 //   -> scores float32 [q, k] (descending), indices int64 [q, k]; equal scores are
 //      ordered by the smaller index, also when deciding which of them make the top k.
 //
@@ -47,7 +47,7 @@
 //   score (running entries hold smaller indices than the block's and are already
 //   in (score desc, index asc) order, so a stable descending sort gives that order).
 //
-// gather_mean(x [n, D], indices [q, k]) -> [q, D] in x's dtype: every output
+// topk_neighbor_mean_gather(x [n, D], indices [q, k]) -> [q, D] in x's dtype: every output
 //   row is cut into VEC-wide column chunks (16-byte loads when D and the pointers
 //   allow), one thread per chunk sums the k rows x[indices[r, j]] in j order, in
 //   at::opmath_type (float, double for double), and divides by k. A block holds
@@ -104,7 +104,7 @@ constexpr int64_t kFallbackElems = int64_t{1} << 24; // [rows, k + cols] candida
 
 constexpr int64_t kEmptyIndex = std::numeric_limits<int64_t>::max();
 
-// gather_mean: threads per block.
+// topk_neighbor_mean_gather: threads per block.
 constexpr int kMeanThreads = 256;
 
 // ---------------------------------------------------------------------------
@@ -329,7 +329,7 @@ at::Tensor score_block(const at::Tensor& a, const at::Tensor& b, Gemm mode) {
 #if GRASP_HAVE_MM_OUT_DTYPE
   return at::mm(a, b.t(), at::kFloat).contiguous();
 #else
-  TORCH_CHECK(false, "knn_search (CUDA): float32-output GEMMs of 16-bit inputs need torch >= 2.8");
+  TORCH_CHECK(false, "topk_neighbor_mean_search (CUDA): float32-output GEMMs of 16-bit inputs need torch >= 2.8");
   return at::Tensor();
 #endif
 }
@@ -352,40 +352,40 @@ at::Tensor gemm_operand(const at::Tensor& t, Gemm mode) {
 }
 
 // ---------------------------------------------------------------------------
-// knn_search.
+// topk_neighbor_mean_search.
 
 void check_search_inputs(const at::Tensor& queries, const at::Tensor& db, int64_t k,
                          int64_t query_start, bool exclude_self) {
-  TORCH_CHECK(queries.is_cuda(), "knn_search (CUDA): queries must be a CUDA tensor, got device ",
+  TORCH_CHECK(queries.is_cuda(), "topk_neighbor_mean_search (CUDA): queries must be a CUDA tensor, got device ",
               queries.device());
-  TORCH_CHECK(db.device() == queries.device(), "knn_search (CUDA): db is on ", db.device(),
+  TORCH_CHECK(db.device() == queries.device(), "topk_neighbor_mean_search (CUDA): db is on ", db.device(),
               " but queries is on ", queries.device());
   const auto dtype = queries.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
                   dtype == at::kBFloat16,
-              "knn_search (CUDA): queries must be float32, float64, float16 or bfloat16, got ",
+              "topk_neighbor_mean_search (CUDA): queries must be float32, float64, float16 or bfloat16, got ",
               dtype);
-  TORCH_CHECK(db.scalar_type() == dtype, "knn_search (CUDA): db has dtype ", db.scalar_type(),
+  TORCH_CHECK(db.scalar_type() == dtype, "topk_neighbor_mean_search (CUDA): db has dtype ", db.scalar_type(),
               " but queries has dtype ", dtype);
-  TORCH_CHECK(queries.dim() == 2, "knn_search (CUDA): queries must be [q, D], got shape ",
+  TORCH_CHECK(queries.dim() == 2, "topk_neighbor_mean_search (CUDA): queries must be [q, D], got shape ",
               queries.sizes());
-  TORCH_CHECK(db.dim() == 2, "knn_search (CUDA): db must be [n, D], got shape ", db.sizes());
-  TORCH_CHECK(db.size(1) == queries.size(1), "knn_search (CUDA): db has D = ", db.size(1),
+  TORCH_CHECK(db.dim() == 2, "topk_neighbor_mean_search (CUDA): db must be [n, D], got shape ", db.sizes());
+  TORCH_CHECK(db.size(1) == queries.size(1), "topk_neighbor_mean_search (CUDA): db has D = ", db.size(1),
               " but queries has D = ", queries.size(1));
-  TORCH_CHECK(queries.is_contiguous(), "knn_search (CUDA): queries must be contiguous");
-  TORCH_CHECK(db.is_contiguous(), "knn_search (CUDA): db must be contiguous");
-  TORCH_CHECK(query_start >= 0, "knn_search (CUDA): query_start must be >= 0, got ",
+  TORCH_CHECK(queries.is_contiguous(), "topk_neighbor_mean_search (CUDA): queries must be contiguous");
+  TORCH_CHECK(db.is_contiguous(), "topk_neighbor_mean_search (CUDA): db must be contiguous");
+  TORCH_CHECK(query_start >= 0, "topk_neighbor_mean_search (CUDA): query_start must be >= 0, got ",
               query_start);
   const int64_t n = db.size(0);
   // Query row 0 excludes row query_start; later rows exclude later rows.
   const int64_t available = n - ((exclude_self && query_start < n) ? 1 : 0);
-  TORCH_CHECK(k >= 1 && k <= available, "knn_search (CUDA): k must be in [1, ", available,
+  TORCH_CHECK(k >= 1 && k <= available, "topk_neighbor_mean_search (CUDA): k must be in [1, ", available,
               "] for n = ", n, exclude_self ? " with self excluded" : "", ", got k = ", k);
   TORCH_CHECK(query_start <= std::numeric_limits<int64_t>::max() - queries.size(0),
-              "knn_search (CUDA): query_start ", query_start, " is too large");
+              "topk_neighbor_mean_search (CUDA): query_start ", query_start, " is too large");
 }
 
-std::tuple<at::Tensor, at::Tensor> knn_search_cuda(const at::Tensor& queries,
+std::tuple<at::Tensor, at::Tensor> topk_neighbor_mean_search_cuda(const at::Tensor& queries,
                                                     const at::Tensor& db, int64_t k,
                                                     int64_t query_start, bool exclude_self) {
   check_search_inputs(queries, db, k, query_start, exclude_self);
@@ -446,7 +446,7 @@ std::tuple<at::Tensor, at::Tensor> knn_search_cuda(const at::Tensor& queries,
 }
 
 // ---------------------------------------------------------------------------
-// gather_mean.
+// topk_neighbor_mean_gather.
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
@@ -518,24 +518,24 @@ void launch_gather_mean(const T* x, const int64_t* idx, T* out, int64_t q, int64
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor gather_mean_cuda(const at::Tensor& x, const at::Tensor& indices) {
-  TORCH_CHECK(x.is_cuda(), "gather_mean (CUDA): x must be a CUDA tensor, got device ",
+at::Tensor topk_neighbor_mean_gather_cuda(const at::Tensor& x, const at::Tensor& indices) {
+  TORCH_CHECK(x.is_cuda(), "topk_neighbor_mean_gather (CUDA): x must be a CUDA tensor, got device ",
               x.device());
-  TORCH_CHECK(indices.device() == x.device(), "gather_mean (CUDA): indices is on ",
+  TORCH_CHECK(indices.device() == x.device(), "topk_neighbor_mean_gather (CUDA): indices is on ",
               indices.device(), " but x is on ", x.device());
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
                   dtype == at::kBFloat16,
-              "gather_mean (CUDA): x must be float32, float64, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(x.dim() == 2, "gather_mean (CUDA): x must be [n, D], got shape ", x.sizes());
-  TORCH_CHECK(indices.scalar_type() == at::kLong, "gather_mean (CUDA): indices must be int64, got ",
+              "topk_neighbor_mean_gather (CUDA): x must be float32, float64, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(x.dim() == 2, "topk_neighbor_mean_gather (CUDA): x must be [n, D], got shape ", x.sizes());
+  TORCH_CHECK(indices.scalar_type() == at::kLong, "topk_neighbor_mean_gather (CUDA): indices must be int64, got ",
               indices.scalar_type());
-  TORCH_CHECK(indices.dim() == 2, "gather_mean (CUDA): indices must be [q, k], got shape ",
+  TORCH_CHECK(indices.dim() == 2, "topk_neighbor_mean_gather (CUDA): indices must be [q, k], got shape ",
               indices.sizes());
-  TORCH_CHECK(x.is_contiguous(), "gather_mean (CUDA): x must be contiguous");
-  TORCH_CHECK(indices.is_contiguous(), "gather_mean (CUDA): indices must be contiguous");
+  TORCH_CHECK(x.is_contiguous(), "topk_neighbor_mean_gather (CUDA): x must be contiguous");
+  TORCH_CHECK(indices.is_contiguous(), "topk_neighbor_mean_gather (CUDA): indices must be contiguous");
   const int64_t n = x.size(0), D = x.size(1), q = indices.size(0), k = indices.size(1);
-  TORCH_CHECK(q <= std::numeric_limits<int32_t>::max(), "gather_mean (CUDA): q = ", q,
+  TORCH_CHECK(q <= std::numeric_limits<int32_t>::max(), "topk_neighbor_mean_gather (CUDA): q = ", q,
               " is too large");
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({q, D}, x.options());
@@ -543,12 +543,12 @@ at::Tensor gather_mean_cuda(const at::Tensor& x, const at::Tensor& indices) {
   if (indices.numel() > 0) {
     const auto [lo, hi] = at::aminmax(indices);
     const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
-    TORCH_CHECK(lo_v >= 0 && hi_v < n, "gather_mean (CUDA): indices must lie in [0, ", n,
+    TORCH_CHECK(lo_v >= 0 && hi_v < n, "topk_neighbor_mean_gather (CUDA): indices must lie in [0, ", n,
                 "), got values in [", lo_v, ", ", hi_v, "]");
   }
   // k == 0 gives 0 / 0 = NaN rows, like the mean of an empty set in torch.
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gather_mean_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "topk_neighbor_mean_gather_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int kVec = 16 / sizeof(scalar_t);
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -570,6 +570,6 @@ at::Tensor gather_mean_cuda(const at::Tensor& x, const at::Tensor& indices) {
 }  // namespace grasp
 
 TORCH_LIBRARY_IMPL(grasp, CUDA, m) {
-  m.impl("knn_search", &grasp::knn_search_cuda);
-  m.impl("gather_mean", &grasp::gather_mean_cuda);
+  m.impl("topk_neighbor_mean_search", &grasp::topk_neighbor_mean_search_cuda);
+  m.impl("topk_neighbor_mean_gather", &grasp::topk_neighbor_mean_gather_cuda);
 }

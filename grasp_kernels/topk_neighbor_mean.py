@@ -1,12 +1,12 @@
-"""Fused Triton kernels of the top-k neighbour operator (DESIGN.md section 3).
+"""Fused Triton kernels of the top-k neighbour operator (docs/design.md section 4).
 
-Two kernel steps, called by ``grasp.ops.topk_neighbor_mean`` (grasp/ops/knn.py):
+Two kernel steps, called by ``grasp.ops.topk_neighbor_mean`` (grasp/ops/topk_neighbor_mean.py):
 
-- ``knn_search(queries [q, D], db [n, D], k, query_start, exclude_self)``: for every query row r the k
+- ``topk_neighbor_mean_search(queries [q, D], db [n, D], k, query_start, exclude_self)``: for every query row r the k
   database rows with the largest inner product, as float32 scores in descending order and int64
   indices, equal scores ordered by the smaller index; with ``exclude_self`` row r never selects
   database row ``query_start + r``.
-- ``gather_mean(x [n, D], indices [q, k])``: the mean of the rows ``x[indices[r]]``, accumulated in
+- ``topk_neighbor_mean_gather(x [n, D], indices [q, k])``: the mean of the rows ``x[indices[r]]``, accumulated in
   float32 (float64 for float64 x), in x's dtype.
 
 Search grid: query tiles x database slices. One program takes a tile of BLOCK_Q queries and one slice
@@ -53,8 +53,9 @@ last block or re-search does not benchmark again. Each kernel's configs are a mo
 its pruner a module-level function ``(configs, named_args, **kwargs)``; the pruners read only key
 arguments (and dtypes) and drop the configs that spill registers on sm_80 / sm_90.
 
-``knn_search`` and ``gather_mean`` launch the kernels on the inputs' device; the torch.library ops
-``grasp::knn_search_triton`` and ``grasp::gather_mean_triton`` wrap them (no autograd).
+``topk_neighbor_mean_search`` and ``topk_neighbor_mean_gather`` launch the kernels on the inputs' device; the
+torch.library ops
+``grasp::topk_neighbor_mean_search_triton`` and ``grasp::topk_neighbor_mean_gather_triton`` wrap them (no autograd).
 """
 
 from __future__ import annotations
@@ -66,9 +67,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from grasp.ops._kernel_glue import register_topk_neighbor_mean
 from grasp_kernels._common import INTERPRET, define_op, launcher, on_device
 
-__all__ = ["gather_mean", "knn_search", "slice_count"]
+__all__ = ["topk_neighbor_mean_gather", "topk_neighbor_mean_search", "slice_count"]
 
 _SEARCH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -436,21 +438,21 @@ def slice_count(q: int, n: int, k: int, sm_count: int | None) -> int:
 
 def _check_search_inputs(queries: Tensor, db: Tensor, k: int, slices: int) -> None:
     if queries.dtype not in _SEARCH_DTYPES:
-        raise TypeError(f"knn_search Triton kernel takes float32, float16 or bfloat16, not {queries.dtype}")
+        raise TypeError(f"Triton search kernel takes float32, float16 or bfloat16, not {queries.dtype}")
     if db.dtype != queries.dtype:
-        raise TypeError(f"knn_search Triton kernel: db has dtype {db.dtype} but queries has {queries.dtype}")
+        raise TypeError(f"Triton search kernel: db has dtype {db.dtype} but queries has {queries.dtype}")
     if not (queries.is_contiguous() and db.is_contiguous()):
-        raise ValueError("knn_search Triton kernel: queries and db must be contiguous (rows of D values)")
+        raise ValueError("Triton search kernel: queries and db must be contiguous (rows of D values)")
     if db.shape[0] >= 2**31 - 1:
-        raise ValueError(f"knn_search Triton kernel keeps indices in 31 bits: n = {db.shape[0]} rows is too many")
+        raise ValueError(f"Triton search kernel keeps indices in 31 bits: n = {db.shape[0]} rows is too many")
     if k < 1 or k > db.shape[0]:
-        raise ValueError(f"knn_search Triton kernel: k = {k} must be in [1, n = {db.shape[0]}]")
+        raise ValueError(f"Triton search kernel: k = {k} must be in [1, n = {db.shape[0]}]")
     if not 0 <= slices <= _MAX_GRID_Y:
-        raise ValueError(f"knn_search Triton kernel: slices must be in [0, {_MAX_GRID_Y}] (0 = automatic), "
+        raise ValueError(f"Triton search kernel: slices must be in [0, {_MAX_GRID_Y}] (0 = automatic), "
                          f"got {slices}")
 
 
-def knn_search(queries: Tensor, db: Tensor, k: int, query_start: int, exclude_self: bool,
+def topk_neighbor_mean_search(queries: Tensor, db: Tensor, k: int, query_start: int, exclude_self: bool,
                slices: int = 0) -> tuple[Tensor, Tensor]:
     """Exact inner-product top-k of every query row against ``db``.
 
@@ -494,7 +496,7 @@ def knn_search(queries: Tensor, db: Tensor, k: int, query_start: int, exclude_se
     return scores, indices
 
 
-def gather_mean(x: Tensor, indices: Tensor) -> Tensor:
+def topk_neighbor_mean_gather(x: Tensor, indices: Tensor) -> Tensor:
     """``x[indices].mean(1)``: ``[q, D]`` in x's dtype, accumulated in float32 (float64 for float64 x).
 
     Args:
@@ -514,21 +516,14 @@ def gather_mean(x: Tensor, indices: Tensor) -> Tensor:
 
 
 # Explicit schemas: inferred ones would make k, query_start and slices SymInt.
-_knn_search_op = define_op(
-    "grasp::knn_search_triton", knn_search, mutates_args=(),
+define_op(
+    "grasp::topk_neighbor_mean_search_triton", topk_neighbor_mean_search, mutates_args=(),
     schema="(Tensor queries, Tensor db, int k, int query_start, bool exclude_self, int slices=0) -> (Tensor, Tensor)",
 )
-_gather_mean_op = define_op(
-    "grasp::gather_mean_triton", gather_mean, mutates_args=(), schema="(Tensor x, Tensor indices) -> Tensor"
+define_op(
+    "grasp::topk_neighbor_mean_gather_triton", topk_neighbor_mean_gather, mutates_args=(),
+    schema="(Tensor x, Tensor indices) -> Tensor",
 )
 
-
-@_knn_search_op.register_fake
-def _knn_search_fake(queries, db, k, query_start, exclude_self, slices=0):
-    q = queries.shape[0]
-    return queries.new_empty((q, k), dtype=torch.float32), queries.new_empty((q, k), dtype=torch.int64)
-
-
-@_gather_mean_op.register_fake
-def _gather_mean_fake(x, indices):
-    return x.new_empty((indices.shape[0], x.shape[1]))
+# Fake kernels: shared with the C++ ops of the same schema.
+register_topk_neighbor_mean("grasp::topk_neighbor_mean_search_triton", "grasp::topk_neighbor_mean_gather_triton")

@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of the holistic-attention operator (DESIGN.md section 2).
+"""Plain-PyTorch reference of the holistic-attention operator (docs/design.md section 2).
 
 This is the ground truth every kernel is tested against. It uses ordinary
 autograd, so it is also the ``reference`` backend and the fallback.

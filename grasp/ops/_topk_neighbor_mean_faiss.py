@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from grasp.ops._knn_reference import drop_own, order_by_score
+from grasp.ops._topk_neighbor_mean_reference import drop_own, order_by_score
 
 
 def has_gpu() -> bool:
@@ -52,7 +52,7 @@ def _raw_search(queries: Tensor, db: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def search(queries: Tensor, db: Tensor, k: int, query_start: int, exclude_self: bool) -> tuple[Tensor, Tensor]:
-    """Inner-product top-k with the contract of ``grasp::knn_search`` (see csrc/knn.cpp)."""
+    """Inner-product top-k with the contract of ``grasp::topk_neighbor_mean_search`` (csrc/topk_neighbor_mean.cpp)."""
     extra = 1 if exclude_self else 0
     scores, idx = _raw_search(queries, db, min(k + extra, db.shape[0]))
     if exclude_self:

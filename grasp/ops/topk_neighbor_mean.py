@@ -1,9 +1,9 @@
-"""Top-k neighbour averaging, ``grasp.ops.topk_neighbor_mean`` (DESIGN.md section 3).
+"""Top-k neighbour averaging, ``grasp.ops.topk_neighbor_mean`` (docs/design.md section 4).
 
 The public function validates its inputs, L2-normalises rows for cosine
 similarity, walks the queries in blocks of bounded memory, and calls two
-kernel steps of the chosen backend: ``knn_search`` (streaming exact top-k) and
-``gather_mean`` (mean of the selected original rows). On GPU tensors the default
+kernel steps of the chosen backend: ``topk_neighbor_mean_search`` (streaming exact top-k) and
+``topk_neighbor_mean_gather`` (mean of the selected original rows). On GPU tensors the default
 ``precision="fast"`` searches bfloat16 copies on tensor cores for ``k + margin``
 candidates, rescores them in float32 and proves each query's result exact
 (searching again in float32 for the rare query it cannot prove);
@@ -26,14 +26,21 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from grasp import _extension
 from grasp.ops import _backends
-from grasp.ops._knn_reference import drop_own, gather_mean_reference, knn_search_reference, order_by_score
+from grasp.ops._kernel_glue import register_topk_neighbor_mean
+from grasp.ops._topk_neighbor_mean_reference import (
+    drop_own,
+    order_by_score,
+    topk_neighbor_mean_gather_reference,
+    topk_neighbor_mean_search_reference,
+)
 
 __all__ = ["topk_neighbor_mean", "topk_neighbor_mean_distributed", "backend_reason", "AUTO_ORDER", "fast_margin"]
 
 METRICS = ("cosine", "ip")
 PRECISIONS = ("fast", "highest")
-_KERNEL_MODULE = "grasp_kernels.knn"
+_KERNEL_MODULE = "grasp_kernels.topk_neighbor_mean"
 #: Preference order of ``backend=None`` per device type.
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 #: Bytes of temporaries the blocking aims at per search call (the backend's similarity tiles, outputs).
@@ -57,13 +64,13 @@ def backend_reason(backend: str, device_type: str) -> str:
     if backend == "reference":
         return ""
     if backend in ("cpu", "cuda"):
-        return _backends.extension_reason(backend, device_type, "knn_search")
+        return _backends.extension_reason(backend, device_type, "topk_neighbor_mean_search")
     if backend == "triton":
         return _backends.triton_reason(device_type, _KERNEL_MODULE)
     if backend == "faiss":
         why = _backends.import_error("faiss")
         if not why and device_type == "cuda":
-            from grasp.ops._knn_faiss import has_gpu
+            from grasp.ops._topk_neighbor_mean_faiss import has_gpu
 
             why = "" if has_gpu() else "the installed faiss has no GPU support (install a faiss GPU build)"
         return why
@@ -199,26 +206,24 @@ def _normalised(t: Tensor, name: str) -> Tensor:
 
 def _search_fn(backend: str) -> Callable[..., tuple[Tensor, Tensor]]:
     if backend == "reference":
-        return lambda q, db, k, start, excl: knn_search_reference(q, db, k, query_start=start, exclude_self=excl)
+        return lambda q, db, k, start, excl: topk_neighbor_mean_search_reference(
+            q, db, k, query_start=start, exclude_self=excl
+        )
     if backend == "faiss":
-        from grasp.ops._knn_faiss import search
+        from grasp.ops._topk_neighbor_mean_faiss import search
 
         return search
-    if backend == "triton":
-        import grasp_kernels.knn  # noqa: F401  (registers grasp::knn_search_triton)
-
-        return torch.ops.grasp.knn_search_triton
-    return torch.ops.grasp.knn_search
+    if backend == "triton":  # choosing it imported grasp_kernels.topk_neighbor_mean, which defines the op
+        return torch.ops.grasp.topk_neighbor_mean_search_triton
+    return torch.ops.grasp.topk_neighbor_mean_search
 
 
-def _gather_mean_fn(backend: str) -> Callable[[Tensor, Tensor], Tensor]:
+def _gather_fn(backend: str) -> Callable[[Tensor, Tensor], Tensor]:
     if backend in ("cpu", "cuda"):
-        return torch.ops.grasp.gather_mean
+        return torch.ops.grasp.topk_neighbor_mean_gather
     if backend == "triton":
-        import grasp_kernels.knn  # noqa: F401
-
-        return torch.ops.grasp.gather_mean_triton
-    return gather_mean_reference
+        return torch.ops.grasp.topk_neighbor_mean_gather_triton
+    return topk_neighbor_mean_gather_reference
 
 
 def _fp32_matmul_is_ieee() -> bool:
@@ -247,7 +252,7 @@ def _research_fn(backend: str, device_type: str, search: Callable[..., tuple[Ten
     """
     if (backend == "triton" and device_type == "cuda" and D >= MATMUL_RESEARCH_MIN_D
             and _fp32_matmul_is_ieee()):
-        return lambda queries, db, k: knn_search_reference(queries, db, k, exclude_self=False)
+        return lambda queries, db, k: topk_neighbor_mean_search_reference(queries, db, k, exclude_self=False)
     return lambda queries, db, k: search(queries, db, k, 0, False)
 
 
@@ -324,7 +329,7 @@ def topk_neighbor_mean(
     block_size: int | None = None,
     progress: Progress = False,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
-    """Mean of each query's k most similar rows of ``x`` (DESIGN.md section 3).
+    """Mean of each query's k most similar rows of ``x`` (docs/design.md section 4).
 
     Args:
         x: ``[n, D]`` database (float32, float16, bfloat16 or float64), any device.
@@ -378,7 +383,7 @@ def _search_and_mean(x: Tensor, k: int, queries: Tensor | None, exclude_self: bo
                      name: str, query_start: int, block_size: int | None,
                      progress: Progress) -> tuple[Tensor, Tensor, Tensor]:
     """The body of topk_neighbor_mean on validated arguments and a chosen backend: (mean, indices, scores)."""
-    search, gather_mean = _search_fn(name), _gather_mean_fn(name)
+    search, gather = _search_fn(name), _gather_fn(name)
     db32 = _normalised(x, "x") if metric == "cosine" else x.float().contiguous()
     if queries is None or queries is x:
         q32 = db32
@@ -411,7 +416,7 @@ def _search_and_mean(x: Tensor, k: int, queries: Tensor | None, exclude_self: bo
         else:
             s, i = search(qb, db32, k, query_start + start, exclude_self)
         scores[start:stop], indices[start:stop] = s, i
-        mean[start:stop] = gather_mean(x_rows, i)
+        mean[start:stop] = gather(x_rows, i)
         bar(stop - start)
     bar(None)
     return mean, indices, scores
@@ -495,3 +500,7 @@ def topk_neighbor_mean_distributed(
 
     mean, indices, scores = gather(mean), gather(indices), gather(scores)
     return (mean, indices, scores) if return_indices else mean
+
+
+if _extension.has_op("topk_neighbor_mean_search"):
+    register_topk_neighbor_mean("grasp::topk_neighbor_mean_search", "grasp::topk_neighbor_mean_gather")

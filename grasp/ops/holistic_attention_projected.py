@@ -26,8 +26,8 @@ from torch import Tensor
 
 from grasp import _extension
 from grasp.ops import _backends
-from grasp.ops._hae_reference import holistic_attention_reference
-from grasp.ops.hae import FLOAT_DTYPES, TRITON_DTYPES
+from grasp.ops._holistic_attention_projected_reference import holistic_attention_projected_reference
+from grasp.ops._kernel_glue import FLOAT_DTYPES, TRITON_DTYPES, register_holistic_attention_projected
 
 __all__ = [
     "holistic_attention_projected",
@@ -50,7 +50,7 @@ def backend_reason(backend: str, device_type: str, dtype: torch.dtype | None = N
     if backend == "reference":
         return ""
     if backend in ("cpu", "cuda"):
-        return _backends.extension_reason(backend, device_type, "hae_gather_forward")
+        return _backends.extension_reason(backend, device_type, "holistic_attention_projected_forward")
     if backend == "triton":
         if dtype is not None and dtype not in TRITON_DTYPES:
             return f"the Triton kernels take float32, float16 and bfloat16, not {dtype}"
@@ -82,37 +82,6 @@ def projected_values(item: Tensor, item_sim: Tensor, weight: Tensor) -> Tensor:
     both = torch.cat([item, item_sim], 1)  # [M, 2d]
     w_glob = torch.cat([w[:, 2], w[:, 3]], 1)  # [e, 2d]
     return torch.stack([item @ w[:, 0].T, item_sim @ w[:, 1].T, both @ w_glob.T], 1)
-
-
-def holistic_attention_projected_reference(
-    user: Tensor,
-    user_sim: Tensor,
-    item: Tensor,
-    item_sim: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    user_index: Tensor,
-    item_index: Tensor,
-    *,
-    upcast: bool = True,
-) -> Tensor:
-    """Plain PyTorch: gather the pairs, :func:`holistic_attention_reference` (sigmoid), then ``@ weight.T + bias``.
-
-    ``upcast`` computes float16/bfloat16 inputs in float32 (the op's contract); ``False`` computes in the
-    input dtype, the "same-dtype torch" yardstick of the kernel tolerance tests.
-    """
-    out_dtype = item.dtype
-    if upcast and out_dtype in (torch.float16, torch.bfloat16):
-        user, user_sim, item, item_sim, weight = (t.float() for t in (user, user_sim, item, item_sim, weight))
-        bias = None if bias is None else bias.float()
-    hae = holistic_attention_reference(
-        user[user_index][None], user_sim[user_index][None], item[item_index][None], item_sim[item_index][None],
-        upcast=False,
-    )[0]
-    out = hae @ weight.T
-    if bias is not None:
-        out = out + bias
-    return out.to(out_dtype)
 
 
 def _check_inputs(
@@ -244,40 +213,14 @@ def _projected(
     values = projected_values(item, item_sim, weight)
     args = (user.contiguous(), user_sim.contiguous(), item.contiguous(), item_sim.contiguous(), values.contiguous())
     indices = (user_index.contiguous(), item_index.contiguous())
-    if name == "triton":
-        import grasp_kernels.holistic_attention_projected  # noqa: F401  (registers grasp::hae_gather_forward_triton)
-
-        out = torch.ops.grasp.hae_gather_forward_triton(*args, *indices)
+    if name == "triton":  # choosing it imported grasp_kernels.holistic_attention_projected, which defines the op
+        out = torch.ops.grasp.holistic_attention_projected_forward_triton(*args, *indices)
     else:
-        out = torch.ops.grasp.hae_gather_forward(*args, *indices)
+        out = torch.ops.grasp.holistic_attention_projected_forward(*args, *indices)
     return out if bias is None else out + bias
 
 
-# ---- fake kernels and autograd of the kernel ops (C++ here, Triton in grasp_kernels) ----
-
-
-def register_op_glue(forward: str, backward: str) -> None:
-    """Fake kernels for a ``hae_gather`` forward/backward pair and autograd on the forward (the backward
-    saves only the inputs and recomputes the gates)."""
-    backward_op = getattr(torch.ops.grasp, backward.split("::")[1])
-
-    @torch.library.register_fake(forward)
-    def _forward_fake(user, user_sim, item, item_sim, values, user_index, item_index):
-        return values.new_empty((user_index.shape[0], values.shape[2]))
-
-    @torch.library.register_fake(backward)
-    def _backward_fake(grad_out, user, user_sim, item, item_sim, values, user_index, item_index):
-        return tuple(t.new_empty(t.shape) for t in (user, user_sim, item, item_sim, values))
-
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(*inputs)
-
-    def backward_fn(ctx, grad_out: Tensor):
-        grads = backward_op(grad_out.contiguous(), *ctx.saved_tensors)
-        return (*grads, None, None)  # no gradient for the indices
-
-    torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
-
-
-if _extension.has_op("hae_gather_forward"):
-    register_op_glue("grasp::hae_gather_forward", "grasp::hae_gather_backward")
+if _extension.has_op("holistic_attention_projected_forward"):
+    register_holistic_attention_projected(
+        "grasp::holistic_attention_projected_forward", "grasp::holistic_attention_projected_backward"
+    )

@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of the top-k neighbour search and gather-mean (DESIGN.md section 3).
+"""Plain-PyTorch reference of the top-k neighbour search and gather-mean (docs/design.md section 4).
 
 It processes the queries in blocks, so the q x n similarity matrix never exists
 as a whole (a block is ``block x n``), and it is the ground truth of the kernels:
@@ -49,7 +49,7 @@ def _select(sims: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return vals[:, :k], idx[:, :k]
 
 
-def knn_search_reference(
+def topk_neighbor_mean_search_reference(
     queries: Tensor,
     db: Tensor,
     k: int,
@@ -87,7 +87,7 @@ def knn_search_reference(
     return scores, indices
 
 
-def gather_mean_reference(x: Tensor, indices: Tensor, *, block: int = 4096) -> Tensor:
+def topk_neighbor_mean_gather_reference(x: Tensor, indices: Tensor, *, block: int = 4096) -> Tensor:
     """``x[indices].mean(1)`` accumulated in float32 (float64 for float64), in x's dtype, by blocks."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     out = torch.empty(indices.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
