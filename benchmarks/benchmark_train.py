@@ -158,7 +158,7 @@ def load(args: argparse.Namespace) -> tuple[Dataset, Tables, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, help="a MovieLens folder (default: ml-100k from grasp's download cache)")
+    parser.add_argument("--data-dir", type=Path, help="a MovieLens folder (default: ml-100k, downloaded once)")
     parser.add_argument("--synthetic", type=int, nargs=2, metavar=("USERS", "ITEMS"),
                         help="time on the built-in synthetic dataset of this size instead of MovieLens")
     parser.add_argument("--pipeline-dir", type=Path, help="a run directory with LLM tables for this dataset")

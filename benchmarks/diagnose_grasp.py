@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import markdown_table  # noqa: E402
 
 from grasp.data.store import load_dataset  # noqa: E402
+from grasp.ops._holistic_attention_reference import gate_logits  # noqa: E402
 from grasp.pipeline import Tables  # noqa: E402
 from grasp.training.batches import history_matrix  # noqa: E402
 from grasp.training.checkpoint import load_weights  # noqa: E402
@@ -57,27 +57,25 @@ def diagnose(seed_dir: Path, pipeline_dir: Path) -> dict[str, float]:
     kwargs = {"max_len": config.max_len, "negatives": negatives, "batch_size": 256}
     with_llm, _ = evaluate_split(model, dataset, "test", **kwargs)
 
-    enhancer = model.encoder.enhancer
+    encoder, d = model.encoder, model.encoder.enhancer.d
     histories = torch.from_numpy(history_matrix(dataset, "test", config.max_len))[1:]
     users = torch.arange(1, dataset.num_users + 1)
     with torch.no_grad():
         real = histories > 0
-        enhancement = enhancer(users, histories)[real]
+        enhancement = encoder.enhance(users, histories)[real]
         identity = model.encoder.embedding(histories)[real]
         ratio = (enhancement.norm(dim=-1) / identity.norm(dim=-1).clamp(min=1e-12)).median().item()
-        u, u_sim = enhancer.adapt_users(users)
-        i, i_sim = enhancer.adapt_items(histories)
+        u, u_sim = encoder.adapt_users(users)
+        i, i_sim = encoder.adapt_items(histories)
         s1 = (i * u.unsqueeze(1)).sum(-1)[real]
         s2 = (i_sim * u_sim.unsqueeze(1)).sum(-1)[real]
-        d = enhancer.d
-        gates = torch.sigmoid(torch.stack([s1 / math.sqrt(d), s2 / math.sqrt(d), (s1 + s2) / math.sqrt(2 * d)]))
+        gates = torch.sigmoid(gate_logits(s1, s2, d)).T
 
-    original = enhancer.forward
-    enhancer.forward = lambda users, items: torch.zeros(*items.shape, enhancer.d)  # the ID embeddings alone
+    encoder.enhance = lambda users, items: torch.zeros(*items.shape, d)  # the ID embeddings alone
     try:
         without, _ = evaluate_split(model, dataset, "test", **kwargs)
     finally:
-        enhancer.forward = original
+        del encoder.enhance
     best = best_epoch_row(seed_dir)
     result = {
         "NDCG@10": with_llm["overall"]["NDCG@10"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 
 import numpy as np
@@ -262,7 +263,7 @@ def test_hae_branch_ablations_resize_the_mlp_and_change_the_output():
         net = make("sasrec", "grasp", tables, hae_branches=branches).eval()
         assert net.encoder.enhancer.mlp[0].in_features == width
         with torch.no_grad():
-            outputs[branches] = net.encoder.enhancer(users, seqs)
+            outputs[branches] = net.encoder.enhance(users, seqs)
     torch.manual_seed(0)
     full = make("sasrec", "grasp", tables).eval()
     assert full.encoder.enhancer.mlp[0].in_features == 4 * d
@@ -279,10 +280,10 @@ def test_fused_enhancer_equals_the_op_then_the_mlp(branches):
     net = make("sasrec", "grasp", hae_branches=branches, dropout=0.0)
     enhancer = net.encoder.enhancer
     users, seqs, _ = batch(length=8)
-    fused = enhancer(users, seqs)
+    fused = net.encoder.enhance(users, seqs)
     fused_grads = torch.autograd.grad(fused.square().sum(), list(enhancer.parameters()))
-    u, u_sim = enhancer.adapt_users(users)
-    i, i_sim = enhancer.adapt_items(seqs)
+    u, u_sim = net.encoder.adapt_users(users)
+    i, i_sim = net.encoder.adapt_items(seqs)
     unfused = enhancer.combine(u, u_sim, i, i_sim, seqs > 0)
     unfused_grads = torch.autograd.grad(unfused.square().sum(), list(enhancer.parameters()))
     torch.testing.assert_close(fused, unfused)
@@ -347,7 +348,7 @@ def test_grasp_backend_env_decides_whether_the_enhancer_fuses(monkeypatch):
     assert not net.encoder.enhancer.fused(cpu)
     users, seqs, _ = batch(length=8)
     with pytest.raises(RuntimeError, match="backend 'cuda' is not available for cpu tensors"):
-        net.encoder.enhancer(users, seqs)
+        net.encoder.enhance(users, seqs)
 
 
 def test_backend_without_a_fused_kernel_runs_the_unfused_op(monkeypatch):
@@ -357,12 +358,12 @@ def test_backend_without_a_fused_kernel_runs_the_unfused_op(monkeypatch):
         calls.append(backend)
         return holistic_attention_reference(user, user_sim, item, item_sim, mask, activation)
 
-    monkeypatch.setattr(item_encoders, "holistic_attention", unfused)
+    monkeypatch.setattr(importlib.import_module("grasp.nn.holistic_attention"), "holistic_attention", unfused)
     net = make("sasrec", "grasp").eval()
     net.encoder.enhancer.backend = "cuda"
     users, seqs, _ = batch(length=8)
     with torch.no_grad():
-        net.encoder.enhancer(users, seqs)
+        net.encoder.enhance(users, seqs)
     assert calls == ["cuda"]
 
 
@@ -385,10 +386,10 @@ def test_self_branch_ignores_the_neighbour_tables():
     net = make("sasrec", "grasp", tables, hae_branches=("self",)).eval()
     users, seqs, _ = batch(length=8)
     with torch.no_grad():
-        before = net.encoder.enhancer(users, seqs)
-        net.encoder.enhancer.item_sim.normal_()
-        net.encoder.enhancer.user_sim.normal_()
-        torch.testing.assert_close(net.encoder.enhancer(users, seqs), before)
+        before = net.encoder.enhance(users, seqs)
+        net.encoder.item_sim.normal_()
+        net.encoder.user_sim.normal_()
+        torch.testing.assert_close(net.encoder.enhance(users, seqs), before)
 
 
 def test_no_attention_concatenates_without_the_op(monkeypatch):
@@ -396,7 +397,7 @@ def test_no_attention_concatenates_without_the_op(monkeypatch):
         raise AssertionError("holistic_attention called with attention=False")
 
     net = make("sasrec", "grasp", attention=False).eval()
-    monkeypatch.setattr(item_encoders, "holistic_attention", fail)
+    monkeypatch.setattr(importlib.import_module("grasp.nn.holistic_attention"), "holistic_attention", fail)
     assert net.encoder.enhancer.mlp[0].in_features == 4 * SMALL["d"]
     users, seqs, negatives = batch()
     assert torch.isfinite(net.loss(users, seqs, negatives))

@@ -46,3 +46,22 @@ def test_dropout_scales_and_zeroes():
     assert repr(Dropout(0.1)) == "Dropout(p=0.1)"
     with pytest.raises(ValueError, match=r"p must be in \[0, 1\], got 1.5"):
         Dropout(1.5)
+
+
+def test_masked_positions_give_zero_and_branches_size_the_mlp():
+    hae = HolisticAttention(8, 8, d=4, branches=("self", "global"))
+    assert hae.mlp[0].in_features == 3 * 4
+    mask = torch.rand(2, 5) > 0.4
+    out = hae(torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8), mask)
+    assert out.shape == (2, 5, 4) and not out[~mask].any()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"branches": ("self", "local")}, "branches: unknown 'local'"),
+    ({"branches": ()}, "branches must name at least one"),
+    ({"attention": False, "activation": "softmax"}, "incompatible flags"),
+    ({"attention": False, "branches": ("self",)}, "incompatible flags"),
+])  # fmt: skip
+def test_bad_ablation_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        HolisticAttention(8, 8, **kwargs)

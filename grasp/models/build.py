@@ -9,16 +9,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from grasp.models.backbones import GRU4Rec, bert4rec, sasrec
-from grasp.models.item_encoders import (
-    BRANCHES,
-    DualViewEncoder,
-    GraspEncoder,
-    GraspEnhancer,
-    IdEncoder,
-    embedding_std,
-    pca_embedding,
-)
+from grasp.models.item_encoders import DualViewEncoder, GraspEncoder, IdEncoder, embedding_std, pca_embedding
 from grasp.models.recommender import NeighborDistillation, Recommender
+from grasp.nn.holistic_attention import ACTIVATIONS, BRANCHES, HolisticAttention, check_options
 
 if TYPE_CHECKING:
     from grasp.pipeline.tables import Tables
@@ -37,8 +30,9 @@ __all__ = [
 
 BACKBONES = ("sasrec", "bert4rec", "gru4rec")
 MODELS = ("id", "grasp", "llminit", "llmesr")
-DEFAULT_BRANCHES = ("self", "similar", "global")
-ACTIVATIONS = ("sigmoid", "softmax")
+DEFAULT_BRANCHES = tuple(BRANCHES)
+#: build_model's names of HolisticAttention's arguments.
+_NN_ARGUMENTS = {"branches": "hae_branches"}
 #: How GRASP initialises its ID embeddings: ``N(0, 1/d)`` or the PCA of the LLM item embeddings (LLMInit's).
 ID_INITS = ("random", "pca")
 #: GRASP's default ID initialisation (it beats ``"random"`` on ml-100k and amazon-office; README).
@@ -89,7 +83,7 @@ def build_model(
             ``"id"`` (ignored there).
         d, max_len, dropout, num_blocks, num_heads: backbone sizes (``d`` divisible by ``num_heads``).
         hae_branches, activation, attention, hae_backend: the GRASP enhancer and its ablations (model
-            ``"grasp"`` only; see :class:`~grasp.models.item_encoders.GraspEnhancer`).
+            ``"grasp"`` only; see :class:`grasp.nn.HolisticAttention`).
         id_init: the GRASP model's ID embeddings start from ``"pca"`` of the LLM item embeddings, as LLMInit's
             do (None: the default, :data:`DEFAULT_ID_INIT`), or ``"random"`` (``N(0, 1/d)``, the plain
             backbone's). Model ``"grasp"`` only.
@@ -123,11 +117,9 @@ def build_model(
     elif model == "llminit":
         encoder = IdEncoder(num_items, d, init=pca_embedding(tables.item, d, embedding_std(d)))
     elif model == "grasp":
-        enhancer = GraspEnhancer(
-            tables.user,
-            tables.user_sim,
-            tables.item,
-            tables.item_sim,
+        enhancer = HolisticAttention(
+            tables.user.shape[1],
+            tables.item.shape[1],
             d,
             dropout=dropout,
             branches=tuple(hae_branches),
@@ -136,7 +128,9 @@ def build_model(
             backend=hae_backend,
         )
         init = pca_embedding(tables.item, d, embedding_std(d)) if (id_init or DEFAULT_ID_INIT) == "pca" else None
-        encoder = GraspEncoder(num_items, d, enhancer, init=init)
+        encoder = GraspEncoder(
+            num_items, d, enhancer, (tables.user, tables.user_sim, tables.item, tables.item_sim), init=init
+        )
     else:
         encoder = DualViewEncoder(num_items, d, tables.item, init=pca_embedding(tables.item, d, embedding_std(d)))
 
@@ -208,7 +202,7 @@ def check_model_options(
         isinstance(bert_negatives, bool) or not isinstance(bert_negatives, int) or bert_negatives < 1
     ):
         raise ValueError(f"{name('bert_negatives')} must be 'auto', 'full' or a positive int, got {bert_negatives!r}")
-    _check_hae_values(hae_branches, activation, attention, name)
+    check_options(hae_branches, activation, attention, name=lambda arg: name(_NN_ARGUMENTS.get(arg, arg)))
     if hae_backend is not None and not isinstance(hae_backend, str):
         raise ValueError(f"{name('hae_backend')} must be a backend name or None, got {hae_backend!r}")
     if id_init is not None and id_init not in ID_INITS:
@@ -225,10 +219,6 @@ def _check_combinations(
         raise ValueError(
             f"hae_branches / activation / attention are GRASP enhancer ablations; model {model!r} has no enhancer"
         )
-    if not attention and activation != "sigmoid":
-        raise ValueError("incompatible flags: attention=False (--no-attention) has no gates, so no activation")
-    if not attention and not all_branches:
-        raise ValueError("incompatible flags: attention=False (--no-attention) uses all inputs; drop hae_branches")
     if model != "grasp" and id_init is not None:
         raise ValueError(
             f"id_init applies to model 'grasp' only, not {model!r} (id is random, llminit and llmesr use pca)"
@@ -247,27 +237,6 @@ def _bert_negatives(value: int | str) -> int | None:
     if value == "auto":
         return AUTO_BERT_NEGATIVES
     return None if value == "full" else int(value)
-
-
-def _check_hae_values(
-    hae_branches: tuple[str, ...], activation: str, attention: bool, name: Callable[[str], str]
-) -> None:
-    if isinstance(hae_branches, str):
-        raise ValueError(f"{name('hae_branches')} must be a sequence of branch names, got the string {hae_branches!r}")
-    branches = tuple(hae_branches)
-    if not branches:
-        raise ValueError(f"{name('hae_branches')} must name at least one of {', '.join(BRANCHES)}")
-    unknown = [b for b in branches if b not in BRANCHES]
-    if unknown:
-        raise ValueError(
-            f"{name('hae_branches')}: unknown {', '.join(map(repr, unknown))}; valid: {', '.join(BRANCHES)}"
-        )
-    if len(set(branches)) != len(branches):
-        raise ValueError(f"{name('hae_branches')} has duplicates: {branches}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{name('activation')}: unknown {activation!r}; valid: {', '.join(ACTIVATIONS)}")
-    if not isinstance(attention, bool):
-        raise ValueError(f"{name('attention')} must be True or False, got {attention!r}")
 
 
 def _check_tables(tables: Tables | None, needed: tuple[str, ...], num_users: int, num_items: int) -> None:

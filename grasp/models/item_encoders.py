@@ -6,7 +6,7 @@ The same vector is used as the backbone's input at a position and to score that 
   is padding (zeros), row ``num_items + 1`` the BERT4Rec mask token. ``llminit`` initialises it with
   :func:`pca_embedding` of the LLM item embeddings.
 * :class:`GraspEncoder` (model ``grasp``, docs/design.md section 6): ``id_embedding(item) + enhancer(user, item)``,
-  the enhancer being :class:`GraspEnhancer`.
+  the enhancer being a :class:`grasp.nn.HolisticAttention` block.
 * :class:`DualViewEncoder` (model ``llmesr``): LLM-ESR's two views side by side, ``[id | adapter(I)]``.
 
 An encoder is called as ``encoder(users [B], items [B, L]) -> [B, L, width]``; ``width = views * d``, and a
@@ -16,31 +16,22 @@ multi-view encoder's views are run through the backbone separately (see :mod:`gr
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from grasp.nn import Adapter
-from grasp.ops import holistic_attention, holistic_attention_projected
-from grasp.ops.holistic_attention_projected import has_kernel
+from grasp.nn import HolisticAttention
 
 __all__ = [
-    "BRANCHES",
     "IdEncoder",
-    "GraspEnhancer",
     "GraspEncoder",
     "DualViewEncoder",
     "pca_embedding",
     "embedding_std",
 ]
 
-#: HAE output slices per branch, in units of d: self = [0:d], similar = [d:2d], global = [2d:4d].
-BRANCHES = {"self": (0, 1), "similar": (1, 2), "global": (2, 4)}
-
 #: Elements of one ``[B, chunk, 4d]`` (unfused) or ``[B, chunk, d]`` (fused) block in
-#: :meth:`GraspEnhancer.score_all` (bounds its memory).
+#: :meth:`GraspEncoder.score_all` (bounds its memory).
 _CHUNK_ELEMENTS = 1 << 22
 
 
@@ -146,201 +137,96 @@ class IdEncoder(nn.Module):
         return state @ self.item_table().T
 
 
-class GraspEnhancer(nn.Module):
-    """GRASP's holistic attention enhancement of an item for a user (docs/design.md sections 2 and 6).
+class GraspEncoder(IdEncoder):
+    """GRASP item representation ``id_embedding(item) + enhancer(user, item)`` (user-conditioned).
 
-    Frozen, non-trainable buffers ``U, Ū`` ``[num_users + 1, D]`` and ``I, Ī`` ``[num_items + 2, D]``
-    (a zero row is appended for the mask token) are not part of ``parameters()`` nor of the state dict:
-    they are rebuilt from the tables. Trainable user and item :class:`grasp.nn.Adapter` ``D -> d`` (a
-    vector and its neighbour mean share one adapter), the :func:`grasp.ops.holistic_attention` op with
-    the adapted user broadcast over the positions, then an MLP ``width -> d -> d`` (GELU; dropout sits in the
-    adapters, not here: the MLP runs once per position). Positions that are padding (0) or the mask token
-    get a zero enhancement. With sigmoid gates the op and the MLP's first layer run fused, as
-    :func:`grasp.ops.holistic_attention_projected` (the same function, the layer's projection applied once
-    per distinct item instead of once per position) where that op has a kernel (see :meth:`fused`).
+    The enhancer is a :class:`grasp.nn.HolisticAttention` block fed from frozen LLM tables: buffers ``U, Ū``
+    ``[num_users + 1, D]`` and ``I, Ī`` ``[num_items + 2, D]`` (a zero row is appended for the mask token), not
+    part of ``parameters()`` nor of the state dict (they are rebuilt from the tables). The adapted user is
+    broadcast over the positions. Positions that are padding (0) or the mask token get a zero enhancement.
 
-    Ablations:
-        branches: the subset of ``("self", "similar", "global")`` whose output slices (``[0:d]``,
-            ``[d:2d]``, ``[2d:4d]``) are kept; the MLP input is sized to match.
-        activation: ``"sigmoid"`` (the paper) or ``"softmax"``. The op's softmax normalises the gates over
-            the L positions of one row, so (1) in a history window every position's gate depends on the
-            whole window, later items included (a causal backbone then sees a normaliser that mixes in
-            future items, the target among them); (2) when scoring, the row is the candidate list, so a
-            candidate's score depends on the other candidates; :meth:`score_all` normalises over the whole
-            catalogue (equal to scoring all items as one candidate list), so sampled and full-ranking
-            scores differ under softmax.
-        attention: ``False`` drops the op and feeds the ungated concatenation ``[u, ū, i, ī]`` (4d) to the
-            MLP (``--no-attention``; needs all branches and the sigmoid activation).
+    Under the softmax ablation the op normalises the gates over the L positions of one row, so (1) in a
+    history window every position's gate depends on the whole window, later items included (a causal backbone
+    then sees a normaliser that mixes in future items, the target among them); (2) when scoring, the row is
+    the candidate list, so a candidate's score depends on the other candidates; :meth:`score_all` normalises
+    over the whole catalogue (equal to scoring all items as one candidate list), so sampled and full-ranking
+    scores differ under softmax.
     """
+
+    user_conditioned = True
 
     def __init__(
         self,
-        user: np.ndarray,
-        user_sim: np.ndarray,
-        item: np.ndarray,
-        item_sim: np.ndarray,
+        num_items: int,
         d: int,
+        enhancer: HolisticAttention,
+        tables: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
         *,
-        dropout: float,
-        branches: tuple[str, ...],
-        activation: str,
-        attention: bool,
-        backend: str | None,
+        init: Tensor | None = None,
     ) -> None:
-        super().__init__()
-        self.num_items = len(item) - 1
-        self.d = d
-        self.activation = activation
-        self.attention = attention
-        self.backend = backend
+        super().__init__(num_items, d, init=init)
+        user, user_sim, item, item_sim = tables
         self.register_buffer("user", _frozen(user), persistent=False)
         self.register_buffer("user_sim", _frozen(user_sim), persistent=False)
         self.register_buffer("item", _frozen(item, 1), persistent=False)
         self.register_buffer("item_sim", _frozen(item_sim, 1), persistent=False)
-        self.user_adapter = Adapter(user.shape[1], d, dropout=dropout)
-        self.item_adapter = Adapter(item.shape[1], d, dropout=dropout)
-        columns = [
-            c for name in BRANCHES if name in branches for c in range(BRANCHES[name][0] * d, BRANCHES[name][1] * d)
-        ]
-        keep_all = not attention or len(columns) == 4 * d
-        self.register_buffer("keep", None if keep_all else torch.tensor(columns), persistent=False)
-        width = 4 * d if keep_all else len(columns)
-        self.mlp = nn.Sequential(nn.Linear(width, d), nn.GELU(), nn.Linear(d, d))
+        self.enhancer = enhancer
+        self.pointwise = enhancer.pointwise
 
     def adapt_users(self, users: Tensor) -> tuple[Tensor, Tensor]:
-        """Adapted ``(u, ū)``, each ``[B, d]``."""
-        return tuple(self.user_adapter(torch.stack([self.user[users], self.user_sim[users]])).unbind(0))
+        """Adapted ``(u, ū)`` of user ids ``[B]``, each ``[B, d]``."""
+        return self.enhancer.adapt_users(self.user[users], self.user_sim[users])
 
     def adapt_items(self, items: Tensor) -> tuple[Tensor, Tensor]:
-        """Adapted ``(i, ī)``, each ``[*items.shape, d]`` (the adapter runs once per distinct item)."""
-        return _gather_adapted(self.item_adapter, (self.item, self.item_sim), items)
+        """Adapted ``(i, ī)`` of item ids, each ``[*items.shape, d]`` (the adapter runs once per distinct item)."""
+        return _gather_adapted(self.enhancer.item_adapter, (self.item, self.item_sim), items)
 
-    def combine(
-        self,
-        u: Tensor,
-        u_sim: Tensor,
-        i: Tensor,
-        i_sim: Tensor,
-        mask: Tensor | None,
-        row_lse: Tensor | None = None,
-    ) -> Tensor:
-        """Enhancement ``[B, L, d]`` from adapted users ``[B, d]`` (or one per position, ``[B, L, d]``) and
-        items ``[B, L, d]``.
+    def enhance(self, users: Tensor, items: Tensor) -> Tensor:
+        """The enhancement ``[B, L, d]`` of items ``[B, L]`` for users ``[B]``; zero at padding and mask tokens.
 
-        ``row_lse`` (softmax only, ``[B, 3]``): log-sum-exp of each branch's logits over a longer row that
-        ``i`` is a chunk of; the gates are then renormalised from the chunk to that row.
-        """
-        if not self.attention:
-            if u.dim() == 2:
-                u, u_sim = (t.unsqueeze(1).expand(-1, i.shape[1], -1) for t in (u, u_sim))
-            fused = torch.cat([u, u_sim, i, i_sim], -1)
-        else:
-            fused = holistic_attention(u, u_sim, i, i_sim, mask=mask, activation=self.activation, backend=self.backend)
-            if row_lse is not None:
-                fused = fused * self._renormalise(u, u_sim, i, i_sim, row_lse)
-            if self.keep is not None:
-                fused = fused.index_select(-1, self.keep)
-        out = self.mlp(fused)
-        return out if mask is None else out * mask.unsqueeze(-1)
-
-    def _gate_logits(self, s1: Tensor, s2: Tensor) -> Tensor:
-        """The op's gate logits ``[..., 3]`` (self, similar, global) from ``s1 = <u, i>``, ``s2 = <ū, ī>``."""
-        return torch.stack([s1 / math.sqrt(self.d), s2 / math.sqrt(self.d), (s1 + s2) / math.sqrt(2 * self.d)], -1)
-
-    def _renormalise(self, u: Tensor, u_sim: Tensor, i: Tensor, i_sim: Tensor, row_lse: Tensor) -> Tensor:
-        """Per-branch factor ``[B, 1, 4d]`` turning softmax gates over the chunk ``i`` into gates over the row."""
-        logits = self._gate_logits((i * u.unsqueeze(1)).sum(-1), (i_sim * u_sim.unsqueeze(1)).sum(-1))
-        factor = torch.exp(logits.logsumexp(1) - row_lse)  # [B, 3]
-        return factor[:, [0, 1, 2, 2]].repeat_interleave(self.d, dim=1).unsqueeze(1)
-
-    def forward(self, users: Tensor, items: Tensor) -> Tensor:
-        """``[B]`` users, ``[B, L]`` items -> ``[B, L, d]``; padding and mask-token positions give zeros.
-
-        With pointwise gates (sigmoid, or no attention) only the real positions go through the op and the
-        MLP, as (user, item) pairs, so the cost follows the number of real items, not the padded window
-        (most of a window is padding when histories are shorter than ``max_len``).
+        With pointwise gates (sigmoid, or no attention) only the real positions go through the block, as
+        (user, item) pairs, so the cost follows the number of real items, not the padded window (most of a
+        window is padding when histories are shorter than ``max_len``).
         """
         mask = (items > 0) & (items <= self.num_items)
         u, u_sim = self.adapt_users(users)
-        if self.activation == "softmax" and self.attention:
+        if not self.pointwise:
             i, i_sim = self.adapt_items(items)
-            return self.combine(u, u_sim, i, i_sim, mask)
+            return self.enhancer.combine(u, u_sim, i, i_sim, mask)
         rows, cols = mask.nonzero(as_tuple=True)
-        if self.fused(items.device):
-            (i, i_sim), inverse = _adapt_distinct(self.item_adapter, (self.item, self.item_sim), items[rows, cols])
-            packed = self._fused(u, u_sim, i, i_sim, rows, inverse)
-        else:
-            i, i_sim = self.adapt_items(items[rows, cols])
-            packed = self.combine(u[rows][None], u_sim[rows][None], i[None], i_sim[None], None)[0]
-        out = packed.new_zeros(*items.shape, self.d)
+        (i, i_sim), inverse = _adapt_distinct(self.enhancer.item_adapter, (self.item, self.item_sim), items[rows, cols])
+        packed = self.enhancer.pairs(u, u_sim, i, i_sim, rows, inverse)
+        out = packed.new_zeros(*items.shape, self.enhancer.d)
         return out.index_put((rows, cols), packed)
-
-    def fused(self, device: torch.device) -> bool:
-        """Whether the op and the MLP's first layer run as :func:`grasp.ops.holistic_attention_projected`:
-        with sigmoid gates, when that op has a kernel (not only its reference) for ``device`` and the chosen
-        backend; otherwise the unfused op runs (on its own kernel where it has one)."""
-        return self.attention and self.activation == "sigmoid" and has_kernel(self.backend, device.type)
-
-    def _fused(self, u: Tensor, u_sim: Tensor, i: Tensor, i_sim: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-        """The enhancement ``[N, d]`` of the pairs ``(u[rows[n]], i[cols[n]])`` of adapted users and items (a
-        dropped branch is a zero block of the first layer's weight)."""
-        first, rest = self.mlp[0], self.mlp[1:]
-        # Under autocast the op casts the adapters' outputs and the layer's parameters to the autocast dtype,
-        # as nn.Linear would.
-        weight, bias = first.weight, first.bias
-        if self.keep is not None:
-            weight = weight.new_zeros(weight.shape[0], 4 * self.d).index_copy(1, self.keep, weight)
-        hidden = holistic_attention_projected(
-            u, u_sim, i, i_sim, weight, bias, user_index=rows, item_index=cols, backend=self.backend
-        )
-        return rest(hidden)
-
-    def score_all(self, users: Tensor, state: Tensor) -> Tensor:
-        """``<state[b], enhancer(user_b, c)>`` for items c = 1..num_items: ``[B, num_items]``.
-
-        Items go in chunks of ``chunk`` so that a chunk's ``[B, chunk, 4d]`` (unfused) or ``[B, chunk, d]``
-        (fused) block stays bounded.
-        """
-        batch = len(users)
-        u, u_sim = self.adapt_users(users)
-        i_all, i_sim_all = self.adapt_items(torch.arange(1, self.num_items + 1, device=users.device))
-        row_lse = None
-        if self.attention and self.activation == "softmax":
-            row_lse = self._gate_logits(u @ i_all.T, u_sim @ i_sim_all.T).logsumexp(1)
-        fused = self.fused(users.device)
-        chunk = max(1, _CHUNK_ELEMENTS // (batch * (1 if fused else 4) * self.d))
-        scores = []
-        for lo in range(0, self.num_items, chunk):
-            i, i_sim = i_all[lo : lo + chunk], i_sim_all[lo : lo + chunk]
-            if fused:
-                rows = torch.arange(batch, device=users.device).repeat_interleave(len(i))
-                cols = torch.arange(len(i), device=users.device).repeat(batch)
-                rep = self._fused(u, u_sim, i, i_sim, rows, cols).view(batch, len(i), self.d)
-            else:
-                i, i_sim = (t[None].expand(batch, -1, -1) for t in (i, i_sim))
-                rep = self.combine(u, u_sim, i, i_sim, None, row_lse)
-            scores.append(torch.bmm(rep, state.unsqueeze(-1)).squeeze(-1))
-        return torch.cat(scores, 1)
-
-
-class GraspEncoder(IdEncoder):
-    """GRASP item representation ``id_embedding(item) + GraspEnhancer(user, item)`` (user-conditioned)."""
-
-    user_conditioned = True
-
-    def __init__(self, num_items: int, d: int, enhancer: GraspEnhancer, *, init: Tensor | None = None) -> None:
-        super().__init__(num_items, d, init=init)
-        self.enhancer = enhancer
-        self.pointwise = not (enhancer.attention and enhancer.activation == "softmax")
 
     def forward(self, users: Tensor, items: Tensor) -> Tensor:
         """``[B] x [B, L] -> [B, L, d]``."""
-        return self.embedding(items) + self.enhancer(users, items)
+        return self.embedding(items) + self.enhance(users, items)
 
     def score_all(self, users: Tensor, state: Tensor) -> Tensor:
-        """Every item's score with its user-conditioned representation, ``[B, num_items + 1]``."""
+        """Every item's score with its user-conditioned representation, ``[B, num_items + 1]``.
+
+        The enhancement runs over items in chunks whose ``[B, chunk, 4d]`` (unfused) or ``[B, chunk, d]``
+        (fused) block stays within :data:`_CHUNK_ELEMENTS`.
+        """
         scores = super().score_all(users, state)
-        scores[:, 1:] += self.enhancer.score_all(users, state)
+        enhancer, batch = self.enhancer, len(users)
+        u, u_sim = self.adapt_users(users)
+        i_all, i_sim_all = self.adapt_items(torch.arange(1, self.num_items + 1, device=users.device))
+        row_lse = None if self.pointwise else enhancer.row_lse(u, u_sim, i_all, i_sim_all)
+        fused = enhancer.fused(users.device)
+        chunk = max(1, _CHUNK_ELEMENTS // (batch * (1 if fused else 4) * enhancer.d))
+        for lo in range(0, self.num_items, chunk):
+            i, i_sim = i_all[lo : lo + chunk], i_sim_all[lo : lo + chunk]
+            width = len(i)
+            if fused:
+                rows = torch.arange(batch, device=users.device).repeat_interleave(width)
+                cols = torch.arange(width, device=users.device).repeat(batch)
+                rep = enhancer.pairs(u, u_sim, i, i_sim, rows, cols).view(batch, width, enhancer.d)
+            else:
+                i, i_sim = (t[None].expand(batch, -1, -1) for t in (i, i_sim))
+                rep = enhancer.combine(u, u_sim, i, i_sim, None, row_lse)
+            scores[:, 1 + lo : 1 + lo + width] += torch.bmm(rep, state.unsqueeze(-1)).squeeze(-1)
         return scores
 
 

@@ -14,6 +14,12 @@ from torch import Tensor
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def gate_logits(s1: Tensor, s2: Tensor, d: int) -> Tensor:
+    """The three gates' logits ``[..., 3]`` (self, similar, global) from ``s1 = <u, i>`` and ``s2 = <ū, ī>``
+    of ``d``-wide vectors: ``s1/sqrt(d)``, ``s2/sqrt(d)``, ``(s1 + s2)/sqrt(2d)``."""
+    return torch.stack((s1 / math.sqrt(d), s2 / math.sqrt(d), (s1 + s2) / math.sqrt(2 * d)), dim=-1)
+
+
 def holistic_attention_reference(
     user: Tensor,
     user_sim: Tensor,
@@ -54,7 +60,7 @@ def holistic_attention_reference(
         user, user_sim = user.unsqueeze(1), user_sim.unsqueeze(1)
     s1 = (user * item).sum(-1)
     s2 = (user_sim * item_sim).sum(-1)
-    z = torch.stack((s1 / math.sqrt(d), s2 / math.sqrt(d), (s1 + s2) / math.sqrt(2 * d)), dim=-1)
+    z = gate_logits(s1, s2, d)
     if activation == "sigmoid":
         gates = torch.sigmoid(z)
     elif activation == "softmax":
