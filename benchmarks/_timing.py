@@ -3,6 +3,7 @@
 Implementations are always compared side by side in one process, on the same
 inputs, as medians. On GPU the timer is ``triton.testing.do_bench``; on CPU a
 median over repeated runs with the garbage collector off and warm-up first.
+The op benchmarks' common structure (options, case loop, table, CSV) is in ``_harness.py``.
 """
 
 from __future__ import annotations
@@ -23,22 +24,36 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def median_ms(fn: Callable[[], object], device: str, *, min_time_s: float = 1.0, min_reps: int = 5) -> float:
-    """Median wall time of ``fn()`` in milliseconds."""
-    if device == "cuda":
+def median_ms(fn: Callable[[], object], device: str, *, min_time_s: float = 1.0, min_reps: int = 5, warmup: int = 2,
+              wall_clock: bool = False) -> float:
+    """Median time of ``fn()`` in milliseconds.
+
+    On a GPU ``triton.testing.do_bench`` times it, unless ``wall_clock``: calls that take a second or more are
+    then timed one by one between synchronisations, as on a CPU (do_bench would make hundreds of them).
+    Otherwise ``warmup`` untimed calls (first-call allocations, lazy init, compilation), then at least
+    ``min_reps`` timed calls and ``min_time_s`` seconds of them (1000 calls at most), garbage collector off.
+    """
+    if device == "cuda" and not wall_clock:
         from triton.testing import do_bench
 
         return float(do_bench(fn, warmup=50, rep=max(100, int(min_time_s * 1000)), return_mode="median"))
-    fn()  # warm-up (first-call allocations, lazy init, compilation)
-    fn()
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        fn()
     times: list[float] = []
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         start = time.perf_counter()
         while len(times) < min_reps or time.perf_counter() - start < min_time_s:
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times.append(time.perf_counter() - t0)
             if len(times) >= 1000:
                 break

@@ -1,51 +1,52 @@
 """Benchmark of grasp.ops.topk_neighbor_mean against reference PyTorch and faiss, side by side.
 
-Every method computes the same thing on the same data: for each query (the first q of the n rows, all
-of them by default), the mean of its k most cosine-similar other rows. faiss is timed with its exact
-search (`faiss.knn` on CPU, `faiss.knn_gpu` on GPU) plus the gather-mean (numpy on CPU, torch on GPU)
-and the row normalisation, as a user would run it. On a GPU every grasp backend runs at each precision
-("fast": tensor-core candidates + float32 proof, the default; "highest": plain float32 search). The
-table shows the median time, the achieved TFLOP/s of the similarity products (2·q·n·D), the fraction
-of the matmul rate measured in the same run, recall@k against the float32 exact result (the reference
-backend, or the first exact method when the reference is skipped), how many queries got a different
-neighbour set, and the largest difference of the means from that result.
+Every implementation computes the same thing on the same data: for each query (the first q of the n
+rows, all of them by default), the mean of its k most cosine-similar other rows. faiss is timed with its
+exact search (`faiss.knn` on CPU, `faiss.knn_gpu` on GPU) plus the gather-mean (numpy on CPU, torch on
+GPU) and the row normalisation, as a user would run it. On a GPU every grasp backend runs at each
+precision ("fast": tensor-core candidates + float32 proof, the default; "highest": plain float32
+search). The table shows the median time, the achieved TFLOP/s of the similarity products (2·q·n·D), the
+fraction of the matmul rate measured in the same run, recall@k against the float32 exact result (the
+reference backend, or the first exact method when the reference is not run), how many queries got a
+different neighbour set, the largest difference of the means from that result, and the speed-up over it.
+The options and the run are those of every op benchmark (benchmarks/_harness.py); a call takes
+seconds, so each is timed on its own (at least 3 of them) after a warm-up on 2048 rows.
 
-    python benchmarks/benchmark_topk_neighbor_mean.py                  # device defaults
-    python benchmarks/benchmark_topk_neighbor_mean.py --n 100000 --dim 384 --k 10
-    python benchmarks/benchmark_topk_neighbor_mean.py --sizes gpu      # n = 1M, D = 1536 and 384, 65536 queries
+    python benchmarks/benchmark_topk_neighbor_mean.py                    # device defaults
+    python benchmarks/benchmark_topk_neighbor_mean.py --shape 100000,384 --k 10
+    python benchmarks/benchmark_topk_neighbor_mean.py --sizes gpu        # n = 1M, D = 1536 and 384, 65536 queries
+    python benchmarks/benchmark_topk_neighbor_mean.py --shape 20000,384 --impl cpu --impl faiss
 
-Runs with a query subset (``--queries``, or the ``gpu`` size set) append to
+Runs with a query subset (q < n: ``--shape n,D,q``, ``--queries``, or the ``gpu`` size set) append to
 ``results/topk_neighbor_mean_queries.csv`` (with a ``q`` column); full runs to
 ``results/topk_neighbor_mean.csv``.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import append_csv, git_commit, machine_name, markdown_table, median_ms, stamp  # noqa: E402
+from _harness import Benchmark, Case, choose, parser, pick_device, shapes  # noqa: E402
+from _timing import median_ms  # noqa: E402
 
 import grasp  # noqa: E402
 from grasp.ops._topk_neighbor_mean_reference import drop_own  # noqa: E402
 from grasp.ops.topk_neighbor_mean import backend_reason  # noqa: E402
 
-#: Size sets: per device, the database rows n, the widths D and the queries (None: all n rows).
+#: n database rows, width D and, where given, the queries q (the first q rows; default all n).
 SIZES = {
-    "default": {"cpu": dict(n=[50_000, 100_000], dim=[384], queries=None),
-                "cuda": dict(n=[1_000_000], dim=[1536, 4096], queries=None)},
+    "default": {"cpu": [(50_000, 384), (100_000, 384)], "cuda": [(1_000_000, 1536), (1_000_000, 4096)]},
     # The GPU target shapes, with a query subset so that every method (float32 ones included) fits a
     # few minutes: the rates per query hold for all n queries.
-    "gpu": {"cpu": dict(n=[1_000_000], dim=[1536, 384], queries=65_536),
-            "cuda": dict(n=[1_000_000], dim=[1536, 384], queries=65_536)},
+    "gpu": [(1_000_000, 1536, 65_536), (1_000_000, 384, 65_536)],
 }
 PRECISIONS = ("fast", "highest")
+IMPLS = ("reference", "cpu", "cuda", "triton", "faiss", *(f"{b} {p}" for b in ("cuda", "triton") for p in PRECISIONS))
 
 
 def faiss_baseline(x: torch.Tensor, k: int, q: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +76,7 @@ def faiss_baseline(x: torch.Tensor, k: int, q: int | None = None) -> tuple[torch
     return torch.from_numpy(x.numpy()[idx.numpy()].mean(1)), idx
 
 
-def methods(device: str, skip_reference: bool) -> dict[str, Callable]:
+def implementations(device: str, skip_reference: bool = False) -> dict[str, Callable]:
     """Name -> fn(x, k, q=None) returning (mean, indices) of the first q rows of x (default all) as queries."""
     out: dict[str, Callable] = {}
 
@@ -129,80 +130,72 @@ def recall(idx: torch.Tensor, truth: torch.Tensor) -> float:
     return hits.item() / truth.numel()
 
 
-def run_size(impls: dict[str, Callable], x: torch.Tensor, k: int, q: int, repeats: int,
-             device: str) -> dict[str, tuple[float, tuple[torch.Tensor, torch.Tensor]]]:
-    """Median milliseconds and the last result of every method on the first q rows of x as queries."""
-    results = {}
-    for name, fn in impls.items():
+def recall_truth(names: Iterable[str]) -> str:
+    """The implementation whose result the others are measured against: the reference, else the first
+    exact grasp backend, else faiss (exact too), else the first one."""
+    names = list(names)
+    exact = [m for m in names if not m.endswith(" fast")]
+    return min(exact, key=lambda m: (m != "reference", m == "faiss"), default=names[0])
+
+
+class TopkNeighborMean(Benchmark):
+    name = title = "topk_neighbor_mean"
+    impl_column = "method"
+    # A call takes seconds: each is timed on its own (passes() warms up on a few rows instead).
+    timing = dict(min_reps=3, warmup=0, wall_clock=True)
+
+    def __init__(self, device: str, impls: dict[str, Callable], k: int) -> None:
+        self.k, self.rate = k, matmul_tflops(device)
+        truth = recall_truth(impls)
+        super().__init__(device, impls, baseline=truth,
+                         note=f"k={k}; measured matmul rate {self.rate:.2f} TFLOP/s; recall against {truth}")
+
+    def setup(self, case: Case):
+        n, dim, q = case.shape
+        x = torch.randn(n, dim, device=self.device, generator=torch.Generator(self.device).manual_seed(0))
+        return {"x": x, "q": q, "results": {}}
+
+    def passes(self, inputs, name, fn):
+        x, q, k = inputs["x"], inputs["q"], self.k
         warm = min(x.shape[0], 2048)
         fn(x[:warm], k, min(q, warm))  # warm-up: kernels, autotuning, faiss threads
-        times, out = [], None
-        for _ in range(repeats):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = fn(x, k, q)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        results[name] = (sorted(times)[len(times) // 2] * 1e3, out)
-    return results
+
+        def search():
+            inputs["results"][name] = fn(x, k, q)
+
+        return {"": search}
+
+    def columns(self, case, inputs, rows):
+        n, dim, q = case.shape
+        flops = 2.0 * q * n * dim
+        truth_mean, truth = inputs["results"][self.baseline]
+        for r in rows:
+            mean, idx = inputs["results"][r.impl]
+            tflops = flops / (r.ms * 1e-3) / 1e12
+            hits, differing = recall(idx, truth), rows_differing(idx, truth)
+            mean_err = (mean.float().cpu() - truth_mean.float().cpu()).abs().max().item()
+            r.cells = {"TFLOP/s": f"{tflops:.3f}", "% of matmul": f"{100 * tflops / self.rate:.0f}%",
+                       f"recall@{self.k}": f"{hits:.5f}", "rows with another set": str(differing),
+                       "max mean error": f"{mean_err:.1e}"}  # fmt: skip
+            r.fields = {"tflops": f"{tflops:.4f}", "matmul_tflops": f"{self.rate:.3f}", "recall": f"{hits:.5f}",
+                        "rows_differing": differing, "recall_truth": self.baseline, **({"q": q} if q < n else {})}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--sizes", default="default", choices=list(SIZES), help="size set (--n/--dim override it)")
-    parser.add_argument("--n", type=int, action="append", help="rows (repeatable)")
-    parser.add_argument("--dim", type=int, action="append", help="embedding width D (repeatable)")
-    parser.add_argument("--queries", type=int, help="queries: the first q rows (default: the size set's, else all)")
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
-    parser.add_argument("--skip-reference", action="store_true", help="skip the (slow) reference backend")
-    parser.add_argument("--no-csv", action="store_true")
-    args = parser.parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    sizes = SIZES[args.sizes][device]
-    ns, dims = args.n or sizes["n"], args.dim or sizes["dim"]
-    queries = args.queries or sizes["queries"]
-    machine, commit, when = machine_name(device), git_commit(), stamp()
-    rate = matmul_tflops(device)
-    impls = methods(device, args.skip_reference)
-    print(f"# topk_neighbor_mean on {machine} ({device}), commit {commit}, {when}")
-    print(f"# k={args.k}; measured matmul rate {rate:.2f} TFLOP/s; methods: {', '.join(impls)}\n")
-    csv_rows = []
-    for n in ns:
-        q = min(n, queries or n)
-        for dim in dims:
-            x = torch.randn(n, dim, device=device, generator=torch.Generator(device).manual_seed(0))
-            flops = 2.0 * q * n * dim
-            results = run_size(impls, x, args.k, q, args.repeats, device)
-            truth_name = "reference" if "reference" in results else next(
-                m for m in results if m not in ("faiss",) and not m.endswith("fast"))
-            truth_mean, truth = results[truth_name][1]
-            rows = []
-            for name, (ms, (mean, idx)) in results.items():
-                tflops = flops / (ms * 1e-3) / 1e12
-                mean_err = (mean.float().cpu() - truth_mean.float().cpu()).abs().max().item()
-                rows.append([name, f"{ms / 1e3:.2f}", f"{tflops:.3f}", f"{100 * tflops / rate:.0f}%",
-                             f"{recall(idx, truth):.5f}", rows_differing(idx, truth), f"{mean_err:.1e}",
-                             f"{results[truth_name][0] / ms:.2f}x"])
-                row = dict(date=when, commit=commit, machine=machine, device=device, n=n, D=dim, k=args.k,
-                           method=name, median_ms=f"{ms:.1f}", tflops=f"{tflops:.4f}",
-                           matmul_tflops=f"{rate:.3f}", recall=f"{recall(idx, truth):.5f}",
-                           rows_differing=rows_differing(idx, truth), recall_truth=truth_name)
-                csv_rows.append(row if q == n else {**row, "q": q})
-            print(f"## n={n} q={q} D={dim} k={args.k} (recall against {truth_name})")
-            print(markdown_table(["method", "median s", "TFLOP/s", "% of matmul", f"recall@{args.k}",
-                                  "rows with another set", "max mean error", f"speed-up vs {truth_name}"], rows))
-            print()
-    if not args.no_csv:
-        full = [r for r in csv_rows if "q" not in r]
-        subset = [r for r in csv_rows if "q" in r]
-        for name, part in (("topk_neighbor_mean", full), ("topk_neighbor_mean_queries", subset)):
-            if part:
-                print(f"appended {len(part)} rows to {append_csv(name, part)}")
-    return 0
+    p = parser(__doc__, impls=IMPLS, shape="n,D[,q]", sizes=SIZES, dtype=False)
+    p.add_argument("--queries", type=int, help="the first q rows as queries in every case (default: the shape's q, "
+                   "else all n)")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--skip-reference", action="store_true", help="skip the (slow) reference backend")
+    args = p.parse_args(argv)
+    device = pick_device(args)
+    impls = choose(implementations(device, args.skip_reference), args.impl, device, p)
+    cases = []
+    for n, dim, *given in shapes(args, SIZES, device, p):
+        q = min(n, args.queries or (given[0] if given else n))
+        cases.append(Case((n, dim, q), None, dict(n=n, D=dim, k=args.k), title=f"n={n} q={q} D={dim} k={args.k}",
+                          csv="topk_neighbor_mean_queries" if q < n else None))
+    return TopkNeighborMean(device, impls, args.k).run(cases, args)
 
 
 if __name__ == "__main__":

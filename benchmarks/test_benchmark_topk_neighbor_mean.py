@@ -1,4 +1,4 @@
-"""pytest-benchmark suite of topk_neighbor_mean, one entry per method (grasp backends and faiss).
+"""pytest-benchmark suite of topk_neighbor_mean, one entry per implementation (grasp backends and faiss).
 
     pytest benchmarks/test_benchmark_topk_neighbor_mean.py --benchmark-only
     GRASP_BENCH_KNN=100000,384 pytest benchmarks/test_benchmark_topk_neighbor_mean.py --benchmark-only
@@ -14,11 +14,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_topk_neighbor_mean import methods  # noqa: E402
+from benchmark_topk_neighbor_mean import implementations  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N, DIM = (int(v) for v in os.environ.get("GRASP_BENCH_KNN", "20000,384").split(","))
-METHODS = methods(DEVICE, skip_reference=False)
+METHODS = implementations(DEVICE, skip_reference=False)
 
 
 @pytest.mark.parametrize("method", list(METHODS))

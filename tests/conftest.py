@@ -14,6 +14,7 @@ if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidiactl")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from _support import HashEncoder  # noqa: E402
 from openai_server import FakeOpenAIServer  # noqa: E402
 
 import grasp  # noqa: E402,F401  (loads the extension before any test imports ops)
@@ -49,3 +50,13 @@ def server():
     """A fake OpenAI-compatible server on 127.0.0.1 (tests/openai_server.py)."""
     with FakeOpenAIServer(slow_seconds=0.8) as fake:
         yield fake
+
+
+@pytest.fixture
+def hash_encoder(monkeypatch):
+    """grasp's text encoders replaced by :class:`_support.HashEncoder` (its call count reset)."""
+    import grasp.embedding
+
+    monkeypatch.setattr(grasp.embedding, "make_encoder", lambda name, **options: HashEncoder(**options))
+    HashEncoder.calls = 0
+    return HashEncoder

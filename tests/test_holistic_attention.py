@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from _kernel_launches import CurrentDevice, record_launches
+from _support import ALL_DTYPES, run_with_grads
 from _tolerance import check_flash_style
 from conftest import DEVICES
 
@@ -19,7 +20,6 @@ from grasp.ops._holistic_attention_reference import holistic_attention_reference
 op_module = importlib.import_module("grasp.ops.holistic_attention")
 
 LOW = (torch.float16, torch.bfloat16)
-ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def backend_dtypes(backend: str) -> tuple[torch.dtype, ...]:
@@ -53,12 +53,6 @@ def make_inputs(B, L, d, *, per_position, mask_kind, dtype, device, requires_gra
         if mask_kind == "full_row":
             mask[-1] = False
     return tensors, mask
-
-
-def run_with_grads(fn, tensors, grad_out):
-    out = fn(*tensors)
-    grads = torch.autograd.grad(out, tensors, grad_out)
-    return out.detach(), grads
 
 
 def reduction_bound(tensors, mask, activation, grad_out) -> tuple[int, float]:

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from _kernel_launches import CurrentDevice, record_launches
+from _support import ALL_DTYPES, run_with_grads
 from _tolerance import check_flash_style
 from conftest import DEVICES
-from test_holistic_attention import ALL_DTYPES, run_with_grads
 
 import grasp
 from grasp.ops._backends import interpreting

@@ -7,13 +7,13 @@ offline defaults (template text, MiniLM) end to end.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _support import HashEncoder
 from openai_server import FakeOpenAIServer, fake_reply
 
 import grasp.embedding
@@ -23,31 +23,6 @@ from grasp.pipeline import Manifest, Tables
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SMALL = ["--dataset", "synthetic", "--synthetic-users", "120", "--synthetic-items", "90", "--no-progress"]
-
-
-class HashEncoder:
-    """Deterministic bag-of-words vectors: similar texts get similar vectors; counts calls."""
-
-    name = "hash"
-    calls = 0
-
-    def __init__(self, **options) -> None:
-        self.dimension = 32
-
-    def encode(self, texts, *, progress=True):
-        HashEncoder.calls += 1
-        out = np.zeros((len(texts), self.dimension), np.float32)
-        for row, text in enumerate(texts):
-            for word in text.lower().split():
-                out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % self.dimension] += 1.0
-        return out + 1e-3  # no all-zero rows
-
-
-@pytest.fixture
-def hash_encoder(monkeypatch):
-    monkeypatch.setattr(grasp.embedding, "make_encoder", lambda name, **options: HashEncoder(**options))
-    HashEncoder.calls = 0
-    return HashEncoder
 
 
 def ran(output: str) -> list[str]:

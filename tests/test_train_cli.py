@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-from test_pipeline_cli import HashEncoder, hash_encoder  # noqa: F401  (fixture)
 
 from grasp.cli import main
 from grasp.pipeline import Manifest
@@ -43,7 +42,7 @@ def test_train_id_runs_only_prepare_and_writes_outputs(tmp_path, capsys):
         assert (run / "seed42" / name).is_file(), name
 
 
-def test_train_grasp_seeds_summary_evaluate_and_report(tmp_path, capsys, hash_encoder):  # noqa: F811
+def test_train_grasp_seeds_summary_evaluate_and_report(tmp_path, capsys, hash_encoder):
     shared = tmp_path / "pipeline"
     runs = []
     for model in ("grasp", "llmesr"):
@@ -130,7 +129,7 @@ def test_seeds_added_later_join_the_summary(tmp_path, capsys):
     assert summary["seeds"] == [1, 2] and json.loads((run / "train.json").read_text())["seeds"] == [1, 2]
 
 
-def test_changed_tables_need_force(tmp_path, capsys, hash_encoder):  # noqa: F811
+def test_changed_tables_need_force(tmp_path, capsys, hash_encoder):
     run = tmp_path / "run"
     argv = ["train", "--out", str(run), *DATA, *FAST, "--model", "grasp"]
     assert main(argv) == 0
