@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from grasp import _extension
+from grasp.ops._kernel_glue import TRITON_DTYPES
 
 BACKENDS = ("reference", "cpu", "cuda", "triton", "faiss")
 
@@ -53,6 +54,23 @@ def extension_reason(backend: str, device_type: str, op: str) -> str:
     if device_type != backend:
         return f"the {backend} backend runs {backend} tensors only"
     return _extension.missing_reason(op, backend.upper())
+
+
+def reason(
+    op: str, backend: str, device_type: str, dtype: torch.dtype | None = None, *, kernel: str = "forward"
+) -> str:
+    """Why ``backend`` cannot run ``op`` on ``device_type`` tensors of ``dtype`` ("" if it can), for the backends
+    every op has: ``reference``; ``cpu`` and ``cuda``, the C++ kernel ``grasp::<op>_<kernel>``; ``triton``, the
+    module ``grasp_kernels.<op>`` (float32, float16 and bfloat16 only)."""
+    if backend == "reference":
+        return ""
+    if backend in ("cpu", "cuda"):
+        return extension_reason(backend, device_type, f"{op}_{kernel}")
+    if backend == "triton":
+        if dtype is not None and dtype not in TRITON_DTYPES:
+            return f"the Triton kernels take float32, float16 and bfloat16, not {dtype}"
+        return triton_reason(device_type, f"grasp_kernels.{op}")
+    return f"{backend!r} is not a backend of {op}"
 
 
 def choose(

@@ -14,14 +14,13 @@ from torch import Tensor
 from grasp import _extension
 from grasp.ops import _backends
 from grasp.ops._holistic_attention_reference import holistic_attention_reference
-from grasp.ops._kernel_glue import FLOAT_DTYPES, TRITON_DTYPES, register_holistic_attention
+from grasp.ops._kernel_glue import FLOAT_DTYPES, register_holistic_attention
 
 __all__ = [
     "AUTO_ORDER", "GPU_TARGET", "backend_reason", "holistic_attention", "holistic_attention_reference", "kernel_bytes"
 ]
 
 ACTIVATIONS = ("sigmoid", "softmax")
-_KERNEL_MODULE = "grasp_kernels.holistic_attention"
 
 #: Where the default order on CUDA is decided: a training step on a GPU (bfloat16, a ``[B, d]`` user).
 GPU_TARGET = dict(B=2048, L=200, d=64, itemsize=2)
@@ -57,15 +56,7 @@ AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": _cuda_order()}
 
 def backend_reason(backend: str, device_type: str, dtype: torch.dtype | None = None) -> str:
     """Why ``backend`` cannot run holistic attention on ``device_type`` tensors of ``dtype`` ("" if it can)."""
-    if backend == "reference":
-        return ""
-    if backend in ("cpu", "cuda"):
-        return _backends.extension_reason(backend, device_type, "holistic_attention_forward")
-    if backend == "triton":
-        if dtype is not None and dtype not in TRITON_DTYPES:
-            return f"the Triton kernels take float32, float16 and bfloat16, not {dtype}"
-        return _backends.triton_reason(device_type, _KERNEL_MODULE)
-    return f"{backend!r} is not a backend of holistic_attention"
+    return _backends.reason("holistic_attention", backend, device_type, dtype)
 
 
 @torch.compiler.assume_constant_result

@@ -38,7 +38,6 @@ __all__ = [
     "has_kernel",
 ]
 
-_KERNEL_MODULE = "grasp_kernels.holistic_attention_projected"
 _NAME = "holistic_attention_projected"
 
 #: Preference order of ``backend=None`` per device type.
@@ -47,15 +46,7 @@ AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference
 
 def backend_reason(backend: str, device_type: str, dtype: torch.dtype | None = None) -> str:
     """Why ``backend`` cannot run the op on ``device_type`` tensors of ``dtype`` ("" if it can)."""
-    if backend == "reference":
-        return ""
-    if backend in ("cpu", "cuda"):
-        return _backends.extension_reason(backend, device_type, "holistic_attention_projected_forward")
-    if backend == "triton":
-        if dtype is not None and dtype not in TRITON_DTYPES:
-            return f"the Triton kernels take float32, float16 and bfloat16, not {dtype}"
-        return _backends.triton_reason(device_type, _KERNEL_MODULE)
-    return f"{backend!r} is not a backend of {_NAME}"
+    return _backends.reason(_NAME, backend, device_type, dtype)
 
 
 @torch.compiler.assume_constant_result

@@ -40,7 +40,6 @@ __all__ = ["topk_neighbor_mean", "topk_neighbor_mean_distributed", "backend_reas
 
 METRICS = ("cosine", "ip")
 PRECISIONS = ("fast", "highest")
-_KERNEL_MODULE = "grasp_kernels.topk_neighbor_mean"
 #: Preference order of ``backend=None`` per device type.
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 #: Bytes of temporaries the blocking aims at per search call (the backend's similarity tiles, outputs).
@@ -61,12 +60,6 @@ Progress = bool | Callable[[int, int], None]
 
 def backend_reason(backend: str, device_type: str) -> str:
     """Why ``backend`` cannot run the neighbour search on ``device_type`` tensors ("" if it can)."""
-    if backend == "reference":
-        return ""
-    if backend in ("cpu", "cuda"):
-        return _backends.extension_reason(backend, device_type, "topk_neighbor_mean_search")
-    if backend == "triton":
-        return _backends.triton_reason(device_type, _KERNEL_MODULE)
     if backend == "faiss":
         why = _backends.import_error("faiss")
         if not why and device_type == "cuda":
@@ -74,7 +67,7 @@ def backend_reason(backend: str, device_type: str) -> str:
 
             why = "" if has_gpu() else "the installed faiss has no GPU support (install a faiss GPU build)"
         return why
-    return f"{backend!r} is not a backend of topk_neighbor_mean"
+    return _backends.reason("topk_neighbor_mean", backend, device_type, kernel="search")
 
 
 def fast_margin(k: int) -> int:
