@@ -12,4 +12,13 @@ from grasp import (
 )
 
 __version__ = "0.1.0"
-__all__ = ["nn", "ops", "__version__"]
+__all__ = ["nn", "ops", "TrainedRecommender", "__version__"]
+
+
+def __getattr__(name: str):
+    # grasp.TrainedRecommender without importing the training stack on `import grasp`
+    if name == "TrainedRecommender":
+        from grasp.inference import TrainedRecommender
+
+        return TrainedRecommender
+    raise AttributeError(f"module 'grasp' has no attribute {name!r}")

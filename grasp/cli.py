@@ -1,4 +1,4 @@
-"""The ``grasp`` command line: ``info``, the pipeline stages, ``train``, ``evaluate`` and ``report``."""
+"""The ``grasp`` command line: ``info``, the pipeline stages, ``train``, ``evaluate``, ``recommend`` and ``report``."""
 
 from __future__ import annotations
 
@@ -40,6 +40,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     return evaluate_main(args)
 
 
+def _recommend(args: argparse.Namespace) -> int:
+    from grasp.inference.cli import recommend_main
+
+    return recommend_main(args)
+
+
 def _report(args: argparse.Namespace) -> int:
     from grasp.training.report import report_main
 
@@ -48,6 +54,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every ``grasp`` subcommand."""
+    from grasp.inference.cli import add_recommend_arguments
     from grasp.pipeline.cli import add_stage_arguments
     from grasp.training.cli import add_evaluate_arguments, add_train_command_arguments
     from grasp.training.report import add_report_arguments
@@ -72,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="re-evaluate a trained run's checkpoints on test")
     add_evaluate_arguments(evaluate)
     evaluate.set_defaults(func=_evaluate)
+    recommend = sub.add_parser(
+        "recommend",
+        help="write every user's top-k items from a trained run (CSV, JSON lines or Parquet)",
+        description="Recommend with a trained run: each user's top-k items as the next item after the whole "
+        "history, in the dataset's original ids, streamed to --out.",
+    )
+    add_recommend_arguments(recommend)
+    recommend.set_defaults(func=_recommend)
     report = sub.add_parser("report", help="compare runs in one markdown table and a PNG chart of head/tail NDCG@10")
     add_report_arguments(report)
     report.set_defaults(func=_report)

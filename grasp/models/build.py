@@ -11,7 +11,7 @@ import numpy as np
 from grasp.models.backbones import GRU4Rec, bert4rec, sasrec
 from grasp.models.item_encoders import DualViewEncoder, GraspEncoder, IdEncoder, embedding_std, pca_embedding
 from grasp.models.recommender import NeighborDistillation, Recommender
-from grasp.nn.holistic_attention import ACTIVATIONS, BRANCHES, HolisticAttention, check_options
+from grasp.nn.holistic_attention import ACTIVATIONS, BRANCHES, HolisticAttention, check_combination, check_options
 
 if TYPE_CHECKING:
     from grasp.pipeline.tables import Tables
@@ -219,6 +219,7 @@ def _check_combinations(
         raise ValueError(
             f"hae_branches / activation / attention are GRASP enhancer ablations; model {model!r} has no enhancer"
         )
+    check_combination(hae_branches, activation, attention, name=lambda arg: _NN_ARGUMENTS.get(arg, arg))
     if model != "grasp" and id_init is not None:
         raise ValueError(
             f"id_init applies to model 'grasp' only, not {model!r} (id is random, llminit and llmesr use pca)"

@@ -17,7 +17,7 @@ from grasp.ops._holistic_attention_reference import gate_logits
 from grasp.ops.holistic_attention import ACTIVATIONS, holistic_attention
 from grasp.ops.holistic_attention_projected import has_kernel, holistic_attention_projected
 
-__all__ = ["ACTIVATIONS", "BRANCHES", "Adapter", "HolisticAttention", "check_options"]
+__all__ = ["ACTIVATIONS", "BRANCHES", "Adapter", "HolisticAttention", "check_combination", "check_options"]
 
 #: The op's output slices per branch, in units of d: self = [0:d], similar = [d:2d], global = [2d:4d].
 BRANCHES = {"self": (0, 1), "similar": (1, 2), "global": (2, 4)}
@@ -81,6 +81,7 @@ class HolisticAttention(nn.Module):
             if value < 1:
                 raise ValueError(f"HolisticAttention: {arg} must be >= 1, got {value}")
         check_options(branches, activation, attention, name=lambda arg: f"HolisticAttention: {arg}")
+        check_combination(branches, activation, attention)
         self.d = d
         self.activation = activation
         self.attention = attention
@@ -177,8 +178,8 @@ class HolisticAttention(nn.Module):
 def check_options(
     branches: tuple[str, ...], activation: str, attention: bool, name: Callable[[str], str] = str
 ) -> None:
-    """Check the block's options, each on its own and then together; a message names an argument with
-    ``name`` (the training config passes its command-line flag).
+    """Check the block's options, each on its own (:func:`check_combination` checks them together); a message
+    names an argument with ``name`` (the training config passes its command-line flag).
 
     Raises:
         ValueError: the first bad option.
@@ -197,6 +198,13 @@ def check_options(
         raise ValueError(f"{name('activation')}: unknown {activation!r}; valid: {', '.join(ACTIVATIONS)}")
     if not isinstance(attention, bool):
         raise ValueError(f"{name('attention')} must be True or False, got {attention!r}")
+
+
+def check_combination(
+    branches: tuple[str, ...], activation: str, attention: bool, name: Callable[[str], str] = str
+) -> None:
+    """Refuse valid options that do not go together (``attention=False`` has no gates: the sigmoid activation
+    and every branch only)."""
     if not attention and activation != "sigmoid":
         raise ValueError("incompatible flags: attention=False (--no-attention) has no gates, so no activation")
     if not attention and set(branches) != set(BRANCHES):

@@ -23,12 +23,11 @@ from grasp._io import write_json
 from grasp.data.preprocess import Dataset
 from grasp.data.store import load_dataset
 from grasp.pipeline.cli import add_stage_arguments, run_stages
-from grasp.pipeline.manifest import Manifest
 from grasp.pipeline.stages import StageError
 from grasp.pipeline.tables import Tables
 from grasp.training.config import TrainConfig, add_train_arguments
 from grasp.training.report import write_report, write_summary
-from grasp.training.rundir import check_same_setup, read_record
+from grasp.training.rundir import check_same_setup, read_record, table_hashes
 from grasp.training.trainer import join_process_group, train
 
 __all__ = ["add_train_command_arguments", "train_main", "add_evaluate_arguments", "evaluate_main"]
@@ -75,12 +74,6 @@ def _check_run(run_dir: Path, record: dict[str, Any], force: bool) -> None:
         force=force,
         notes={"tables": "the LLM tables (generate / embed / retrieve ran again with other inputs)"},
     )
-
-
-def _table_hashes(pipeline_dir: Path) -> dict[str, str]:
-    """sha256 of the table files as the manifest recorded them: identifies the tables a run trained on."""
-    manifest = Manifest(pipeline_dir)
-    return dict(sorted({**manifest.output_hashes("embed"), **manifest.output_hashes("retrieve")}.items()))
 
 
 def _load_tables(pipeline_dir: Path, dataset: Dataset) -> Tables:
@@ -135,7 +128,7 @@ def train_main(args: argparse.Namespace) -> int:
     main_rank = not dist.is_initialized() or dist.get_rank() == 0
     try:
         dataset, tables = _stages_on_rank0(args, config, pipeline_dir, main_rank)
-        record["tables"] = _table_hashes(pipeline_dir) if tables is not None else None
+        record["tables"] = table_hashes(pipeline_dir) if tables is not None else None
         _check_run(run_dir, record, args.force)  # again, now that the tables are known
         all_seeds = seeds
         if main_rank:
@@ -185,7 +178,7 @@ def evaluate_main(args: argparse.Namespace) -> int:
     pipeline_dir = Path(record["pipeline_dir"])
     dataset = load_dataset(pipeline_dir / "data")
     tables = None if record["config"]["model"] == "id" else _load_tables(pipeline_dir, dataset)
-    if tables is not None and record.get("tables") != _table_hashes(pipeline_dir):
+    if tables is not None and record.get("tables") != table_hashes(pipeline_dir):
         raise ValueError(f"{pipeline_dir}: the LLM tables changed since {run_dir} was trained; evaluating its "
                          "checkpoints with them would mix two sets of tables")  # fmt: skip
     negatives = None if args.eval_negatives is None else parse_eval_negatives(args.eval_negatives)

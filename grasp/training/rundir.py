@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from grasp.data.core import DataError
+from grasp.pipeline.manifest import Manifest
 
 __all__ = ["read_record", "check_same_setup"]
 
@@ -71,3 +72,10 @@ def check_same_setup(
             f"{run_dir} belongs to a different {kind} ({'; '.join(diffs)}); use another run directory, or --force "
             "to start over in it"
         )
+
+
+def table_hashes(pipeline_dir: Path) -> dict[str, str]:
+    """sha256 of the LLM table files as the pipeline manifest recorded them: identifies the tables a run
+    trained on (``train.json``'s ``tables``)."""
+    manifest = Manifest(pipeline_dir)
+    return dict(sorted({**manifest.output_hashes("embed"), **manifest.output_hashes("retrieve")}.items()))
