@@ -251,6 +251,53 @@ def _logit_grad(a, da, c, SOFTMAX: tl.constexpr):
     return da * a * (1.0 - a)
 
 
+@triton.jit
+def _softmax_stats(
+    user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, mask_ptr, grad_out_ptr, b, L, D, scale, scale_glob,
+    SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, USER_PER_POSITION: tl.constexpr, WITH_DA: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """The softmax's first pass over row b: (m_self, m_sim, m_glob, s_self, s_sim, s_glob, t_self, t_sim,
+    t_glob), each branch's running max m, sum s of exp(z - m) and, with WITH_DA, t = sum exp(z - m)·da
+    (da from grad_out_ptr), rescaled like s whenever the max moves.
+
+    Without SOFTMAX the row is not read and m = _FP32_MIN, s = 0; without WITH_DA t = 0 and
+    grad_out_ptr is never read (it may be None).
+    """
+    m_self = tl.full([], _FP32_MIN, tl.float32)
+    m_sim = tl.full([], _FP32_MIN, tl.float32)
+    m_glob = tl.full([], _FP32_MIN, tl.float32)
+    s_self = tl.zeros([], tl.float32)
+    s_sim = tl.zeros([], tl.float32)
+    s_glob = tl.zeros([], tl.float32)
+    t_self = tl.zeros([], tl.float32)
+    t_sim = tl.zeros([], tl.float32)
+    t_glob = tl.zeros([], tl.float32)
+    if SOFTMAX:
+        for l0 in range(0, L, BLOCK_L):
+            rows, offs_d, in_row, d_ok = _tile(b, l0, L, D, BLOCK_L, BLOCK_D)
+            live, load_mask, _ = _tile_masks(mask_ptr, rows, in_row, d_ok, HAS_MASK)
+            offs = rows[:, None] * D + offs_d[None, :]
+            u, u_sim, i, i_sim = _load_inputs(
+                user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, b, offs, offs_d, load_mask, D,
+                USER_PER_POSITION,
+            )
+            z_self, z_sim, z_glob = _logits(u, u_sim, i, i_sim, scale, scale_glob)
+            if WITH_DA:
+                g1, g2, g3, g4 = _load_grad_out(grad_out_ptr, rows, offs_d, load_mask, D)
+                da_self, da_sim, da_glob = _gate_grads(g1, g2, g3, g4, i, i_sim)
+            m_self, s_self, alpha, p = _online_softmax(m_self, s_self, z_self, live)
+            if WITH_DA:
+                t_self = t_self * alpha + tl.sum(p * da_self, axis=0)
+            m_sim, s_sim, alpha, p = _online_softmax(m_sim, s_sim, z_sim, live)
+            if WITH_DA:
+                t_sim = t_sim * alpha + tl.sum(p * da_sim, axis=0)
+            m_glob, s_glob, alpha, p = _online_softmax(m_glob, s_glob, z_glob, live)
+            if WITH_DA:
+                t_glob = t_glob * alpha + tl.sum(p * da_glob, axis=0)
+    return m_self, m_sim, m_glob, s_self, s_sim, s_glob, t_self, t_sim, t_glob
+
+
 @autotuner(_CONFIGS, backward=False)
 @_jit
 def _hae_fwd_kernel(
@@ -262,25 +309,10 @@ def _hae_fwd_kernel(
     b = tl.program_id(0).to(tl.int64)
 
     # Softmax only: per-branch max and sum of exponentials over the row (online softmax).
-    m_self = tl.full([], _FP32_MIN, tl.float32)
-    m_sim = tl.full([], _FP32_MIN, tl.float32)
-    m_glob = tl.full([], _FP32_MIN, tl.float32)
-    s_self = tl.zeros([], tl.float32)
-    s_sim = tl.zeros([], tl.float32)
-    s_glob = tl.zeros([], tl.float32)
-    if SOFTMAX:
-        for l0 in range(0, L, BLOCK_L):
-            rows, offs_d, in_row, d_ok = _tile(b, l0, L, D, BLOCK_L, BLOCK_D)
-            live, load_mask, _ = _tile_masks(mask_ptr, rows, in_row, d_ok, HAS_MASK)
-            offs = rows[:, None] * D + offs_d[None, :]
-            u, u_sim, i, i_sim = _load_inputs(
-                user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, b, offs, offs_d, load_mask, D,
-                USER_PER_POSITION,
-            )
-            z_self, z_sim, z_glob = _logits(u, u_sim, i, i_sim, scale, scale_glob)
-            m_self, s_self, _, _ = _online_softmax(m_self, s_self, z_self, live)
-            m_sim, s_sim, _, _ = _online_softmax(m_sim, s_sim, z_sim, live)
-            m_glob, s_glob, _, _ = _online_softmax(m_glob, s_glob, z_glob, live)
+    m_self, m_sim, m_glob, s_self, s_sim, s_glob, _, _, _ = _softmax_stats(
+        user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, mask_ptr, None, b, L, D, scale, scale_glob,
+        SOFTMAX, HAS_MASK, USER_PER_POSITION, False, BLOCK_D, BLOCK_L,
+    )
     inv_self, inv_sim, inv_glob = _inv_sum(s_self), _inv_sum(s_sim), _inv_sum(s_glob)
 
     # Gates, then out = [a_self*i | a_sim*ī | a_glob*i | a_glob*ī].
@@ -316,33 +348,10 @@ def _hae_bwd_kernel(
 
     # Softmax only: the row statistics of the forward plus t = sum_l exp(z - m)·da of each branch,
     # rescaled like s whenever the max moves, so that t / s = sum_l a·da.
-    m_self = tl.full([], _FP32_MIN, tl.float32)
-    m_sim = tl.full([], _FP32_MIN, tl.float32)
-    m_glob = tl.full([], _FP32_MIN, tl.float32)
-    s_self = tl.zeros([], tl.float32)
-    s_sim = tl.zeros([], tl.float32)
-    s_glob = tl.zeros([], tl.float32)
-    t_self = tl.zeros([], tl.float32)
-    t_sim = tl.zeros([], tl.float32)
-    t_glob = tl.zeros([], tl.float32)
-    if SOFTMAX:
-        for l0 in range(0, L, BLOCK_L):
-            rows, offs_d, in_row, d_ok = _tile(b, l0, L, D, BLOCK_L, BLOCK_D)
-            live, load_mask, _ = _tile_masks(mask_ptr, rows, in_row, d_ok, HAS_MASK)
-            offs = rows[:, None] * D + offs_d[None, :]
-            u, u_sim, i, i_sim = _load_inputs(
-                user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, b, offs, offs_d, load_mask, D,
-                USER_PER_POSITION,
-            )
-            z_self, z_sim, z_glob = _logits(u, u_sim, i, i_sim, scale, scale_glob)
-            g1, g2, g3, g4 = _load_grad_out(grad_out_ptr, rows, offs_d, load_mask, D)
-            da_self, da_sim, da_glob = _gate_grads(g1, g2, g3, g4, i, i_sim)
-            m_self, s_self, alpha, p = _online_softmax(m_self, s_self, z_self, live)
-            t_self = t_self * alpha + tl.sum(p * da_self, axis=0)
-            m_sim, s_sim, alpha, p = _online_softmax(m_sim, s_sim, z_sim, live)
-            t_sim = t_sim * alpha + tl.sum(p * da_sim, axis=0)
-            m_glob, s_glob, alpha, p = _online_softmax(m_glob, s_glob, z_glob, live)
-            t_glob = t_glob * alpha + tl.sum(p * da_glob, axis=0)
+    m_self, m_sim, m_glob, s_self, s_sim, s_glob, t_self, t_sim, t_glob = _softmax_stats(
+        user_ptr, user_sim_ptr, item_ptr, item_sim_ptr, mask_ptr, grad_out_ptr, b, L, D, scale, scale_glob,
+        SOFTMAX, HAS_MASK, USER_PER_POSITION, True, BLOCK_D, BLOCK_L,
+    )
     inv_self, inv_sim, inv_glob = _inv_sum(s_self), _inv_sum(s_sim), _inv_sum(s_glob)
     c_self, c_sim, c_glob = t_self * inv_self, t_sim * inv_sim, t_glob * inv_glob
 

@@ -67,12 +67,7 @@ template <typename acc_t, int CH>
 constexpr int kMinBlocks = (CH > 0 || sizeof(acc_t) == 8) ? 1 : 0;
 
 // ---------------------------------------------------------------------------
-// Vector memory access: VEC consecutive elements in one aligned access.
-
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
+// Vector memory access: VEC consecutive elements in one aligned access (Pack, device_math.cuh).
 
 template <int VEC, typename T, typename acc_t>
 __device__ __forceinline__ void load(const T* p, acc_t (&x)[VEC]) {
@@ -286,6 +281,40 @@ __device__ __forceinline__ void team_scores_and_da(const Rows<T>& r, const T* g,
 }
 
 // ---------------------------------------------------------------------------
+// Softmax first pass: the row's per-branch statistics st (m, S and, with
+// WITH_DA, T = sum exp(z - m) * da from grad_out; without it T = 0 and
+// grad_out is not read). Each team folds in its real positions one at a time,
+// then block_merge combines the block. Every thread of the block must call it,
+// with the row-per-block schedule s; every thread gets the same bits.
+template <int VEC, bool WITH_DA, typename T, typename acc_t>
+__device__ __forceinline__ void softmax_stats(const Inputs<T>& in, const T* grad_out,
+                                              const Schedule& s, int team, const Scales& sc,
+                                              Online<acc_t> (&st)[3]) {
+  const int64_t d = in.d;
+  const int64_t cols = d / VEC;
+#pragma unroll
+  for (int x = 0; x < 3; ++x) st[x] = empty_online<acc_t>();
+  for (int64_t base = s.first; base < s.end; base += s.step) {
+    const int64_t p = base + s.slot;
+    const bool active = p < s.end && in.real(p);
+    const Rows<T> r = active ? in.rows(p) : Rows<T>{};
+    acc_t s1, s2, da[3] = {};
+    if constexpr (WITH_DA) {
+      team_scores_and_da<VEC>(r, active ? grad_out + p * 4 * d : nullptr, d, cols, s.rank, team,
+                              active, s1, s2, da);
+    } else {
+      team_scores<VEC>(r, cols, s.rank, team, active, s1, s2);
+    }
+    if (active) {
+      const Logits<acc_t> lg = logits(s1, s2, sc);
+#pragma unroll
+      for (int x = 0; x < 3; ++x) st[x] = merge(st[x], Online<acc_t>{lg.z[x], acc_t(1), da[x]});
+    }
+  }
+  block_merge(st, team);
+}
+
+// ---------------------------------------------------------------------------
 // Forward: out [B, L, 4d]. SOFTMAX launches one block per row, sigmoid any grid.
 
 template <typename T, typename acc_t, int VEC, bool SOFTMAX>
@@ -297,22 +326,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<acc_t, 0>)
   const Schedule s(SOFTMAX, positions, in.L, team);
 
   Online<acc_t> st[3];
-  if constexpr (SOFTMAX) {
-#pragma unroll
-    for (int x = 0; x < 3; ++x) st[x] = empty_online<acc_t>();
-    for (int64_t base = s.first; base < s.end; base += s.step) {
-      const int64_t p = base + s.slot;
-      const bool active = p < s.end && in.real(p);
-      acc_t s1, s2;
-      team_scores<VEC>(active ? in.rows(p) : Rows<T>{}, cols, s.rank, team, active, s1, s2);
-      if (active) {
-        const Logits<acc_t> lg = logits(s1, s2, sc);
-#pragma unroll
-        for (int x = 0; x < 3; ++x) st[x] = merge(st[x], Online<acc_t>{lg.z[x], acc_t(1), acc_t(0)});
-      }
-    }
-    block_merge(st, team);
-  }
+  if constexpr (SOFTMAX) softmax_stats<VEC, false, T>(in, nullptr, s, team, sc, st);
 
   for (int64_t base = s.first; base < s.end; base += s.step) {
     const int64_t p = base + s.slot;
@@ -588,29 +602,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<acc_t, CH>)
     holistic_attention_backward_kernel(const T* __restrict__ grad_out, const Inputs<T> in, Grads<T> gr,
                         int64_t positions, int team, Scales sc) {
   constexpr bool kUserRow = CH > 0;
-  const int64_t d = in.d;
-  const int64_t cols = d / VEC;
+  const int64_t cols = in.d / VEC;
   const Schedule s(SOFTMAX || kUserRow, positions, in.L, team);
 
   Online<acc_t> st[3];
-  if constexpr (SOFTMAX) {
-#pragma unroll
-    for (int x = 0; x < 3; ++x) st[x] = empty_online<acc_t>();
-    for (int64_t base = s.first; base < s.end; base += s.step) {
-      const int64_t p = base + s.slot;
-      const bool active = p < s.end && in.real(p);
-      acc_t s1, s2, da[3];
-      team_scores_and_da<VEC>(active ? in.rows(p) : Rows<T>{},
-                              active ? grad_out + p * 4 * d : nullptr, d, cols, s.rank, team,
-                              active, s1, s2, da);
-      if (active) {
-        const Logits<acc_t> lg = logits(s1, s2, sc);
-#pragma unroll
-        for (int x = 0; x < 3; ++x) st[x] = merge(st[x], Online<acc_t>{lg.z[x], acc_t(1), da[x]});
-      }
-    }
-    block_merge(st, team);
-  }
+  if constexpr (SOFTMAX) softmax_stats<VEC, true>(in, grad_out, s, team, sc, st);
 
   if constexpr (kUserRow) {
     const int64_t span = static_cast<int64_t>(team) * CH;

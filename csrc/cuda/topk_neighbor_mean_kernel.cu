@@ -69,6 +69,8 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "device_math.cuh"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -85,8 +87,6 @@
 
 namespace grasp {
 namespace {
-
-constexpr unsigned kFullMask = 0xffffffffu;
 
 // Selection: warps per block, scores per lane per step, largest k of the warp path.
 constexpr int kSelectWarps = 4;
@@ -446,12 +446,8 @@ std::tuple<at::Tensor, at::Tensor> topk_neighbor_mean_search_cuda(const at::Tens
 }
 
 // ---------------------------------------------------------------------------
-// topk_neighbor_mean_gather.
-
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
+// topk_neighbor_mean_gather. Rows are read and written VEC elements at a time
+// through Pack (device_math.cuh).
 
 template <int VEC, typename T, typename acc_t>
 __device__ __forceinline__ void add_row(const T* p, acc_t (&acc)[VEC]) {
