@@ -89,6 +89,12 @@ def choose(impls: dict[str, Callable], wanted: list[str] | None, device: str,
     return chosen
 
 
+def timed_backends(device: str, reason: Callable[[str, str], str]) -> list[str]:
+    """The op's kernel backends that run on ``device`` (``reason(backend, device)`` empty), Triton on a GPU
+    only: its interpreter is a correctness tool, not a timing target."""
+    return [b for b in ("cpu", "cuda", "triton") if not (device == "cpu" and b == "triton") and not reason(b, device)]
+
+
 def shapes(args: argparse.Namespace, sizes: Sizes, device: str, p: argparse.ArgumentParser) -> list[tuple[int, ...]]:
     """Every ``--shape``, else the ``--sizes`` set (``default`` unless named) for the device."""
     if args.shape and args.sizes:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import DTYPES, Benchmark, Case, choose, dtypes, parser, pick_device, shapes  # noqa: E402
+from _harness import DTYPES, Benchmark, Case, choose, dtypes, parser, pick_device, shapes, timed_backends  # noqa: E402
 from gpu_model import PROJECTED  # noqa: E402
 
 import grasp  # noqa: E402
@@ -65,11 +65,7 @@ def implementations(device: str) -> dict[str, Callable]:
         "reference": holistic_attention_projected_reference,
         "compile": torch.compile(holistic_attention_projected_reference, dynamic=False),
     }
-    for backend in ("cpu", "cuda", "triton"):
-        if device == "cpu" and backend == "triton":
-            continue  # the Triton interpreter is a correctness tool, not a timing target
-        if not backend_reason(backend, device):
-            impls[backend] = partial(fused, backend=backend)
+    impls.update({backend: partial(fused, backend=backend) for backend in timed_backends(device, backend_reason)})
     return impls
 
 

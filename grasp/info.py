@@ -11,6 +11,7 @@ import torch
 from grasp import _extension
 from grasp.ops.holistic_attention import backend_reason as _holistic_attention_reason
 from grasp.ops.holistic_attention_projected import backend_reason as _projected_reason
+from grasp.ops.score_topk import backend_reason as _score_topk_reason
 from grasp.ops.topk_neighbor_mean import backend_reason as _topk_neighbor_mean_reason
 
 # op name -> (function telling why a backend cannot run on a device type, backends it has)
@@ -18,6 +19,7 @@ OPS = {
     "holistic_attention": (_holistic_attention_reason, ("reference", "cpu", "cuda", "triton")),
     "holistic_attention_projected": (_projected_reason, ("reference", "cpu", "cuda", "triton")),
     "topk_neighbor_mean": (_topk_neighbor_mean_reason, ("reference", "cpu", "cuda", "triton", "faiss")),
+    "score_topk": (_score_topk_reason, ("reference", "cpu", "cuda", "triton")),
 }
 PACKAGES = ("torch", "triton", "numpy", "faiss-cpu", "faiss-gpu", "openai", "cupy-cuda13x", "cupy-cuda12x")
 

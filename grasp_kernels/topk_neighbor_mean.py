@@ -70,7 +70,7 @@ from torch import Tensor
 from grasp.ops._kernel_glue import register_topk_neighbor_mean
 from grasp_kernels._common import INTERPRET, define_op, launcher, on_device
 
-__all__ = ["topk_neighbor_mean_gather", "topk_neighbor_mean_search", "slice_count"]
+__all__ = ["topk_neighbor_mean_gather", "topk_neighbor_mean_search", "slice_count", "slicing"]
 
 _SEARCH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -436,6 +436,14 @@ def slice_count(q: int, n: int, k: int, sm_count: int | None) -> int:
     return max(1, min(wanted, most))
 
 
+def slicing(q: int, n: int, k: int, device: torch.device, slices: int = 0) -> tuple[int, int]:
+    """(slices, rows per slice) of a search of q queries among n rows for k neighbours on ``device``:
+    ``slices`` (0: ``slice_count``'s choice), each slice but the last a multiple of _SLICE_ALIGN rows long."""
+    slices = slices or slice_count(q, n, k, _device_sm_count(device))
+    slice_len = triton.cdiv(triton.cdiv(n, min(slices, n)), _SLICE_ALIGN) * _SLICE_ALIGN
+    return triton.cdiv(n, slice_len), slice_len
+
+
 def _check_search_inputs(queries: Tensor, db: Tensor, k: int, slices: int) -> None:
     if queries.dtype not in _SEARCH_DTYPES:
         raise TypeError(f"Triton search kernel takes float32, float16 or bfloat16, not {queries.dtype}")
@@ -477,9 +485,7 @@ def topk_neighbor_mean_search(queries: Tensor, db: Tensor, k: int, query_start: 
     indices = queries.new_empty((q, k), dtype=torch.int64)
     if q == 0:
         return scores, indices
-    slices = slices or slice_count(q, n, k, _device_sm_count(queries.device))
-    slice_len = triton.cdiv(triton.cdiv(n, min(slices, n)), _SLICE_ALIGN) * _SLICE_ALIGN
-    slices = triton.cdiv(n, slice_len)
+    slices, slice_len = slicing(q, n, k, queries.device, slices)
     split = slices > 1
     keys = queries.new_empty((q, slices, k), dtype=torch.int64) if split else indices
     k_pad = triton.next_power_of_2(k)

@@ -35,3 +35,21 @@ class HashEncoder:
             for word in text.lower().split():
                 out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % self.dimension] += 1.0
         return out + 1e-3  # no all-zero rows
+
+
+def random_llm_tables(num_users: int, num_items: int, dim: int = 24):
+    """Fresh random LLM tables (:class:`grasp.pipeline.Tables`) with zero padding rows and valid neighbour ids."""
+    from grasp.pipeline.tables import Tables
+
+    def table(n: int) -> np.ndarray:
+        t = np.random.default_rng(int(torch.randint(1 << 30, ()))).standard_normal((n + 1, dim)).astype(np.float32)
+        t[0] = 0
+        return t
+
+    def neighbors(n: int) -> np.ndarray:
+        ids = torch.randint(1, n + 1, (n + 1, 3)).numpy()
+        ids[0] = 0
+        return ids
+
+    return Tables(table(num_users), table(num_users), table(num_items), table(num_items), neighbors(num_users),
+                  neighbors(num_items))  # fmt: skip

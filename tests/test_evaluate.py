@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from _ddp_worker import make_dataset
+from _support import random_llm_tables
 
 from grasp.training.batches import InteractionSet, history_matrix
 from grasp.training.evaluate import (
@@ -228,3 +229,30 @@ def test_evaluation_scores_in_float32_even_inside_autocast(full):
         ranks = compute_ranks(model, data, "test", max_len=4, negatives=negatives)
     assert set(model.dtypes) == {torch.float32}
     np.testing.assert_array_equal(ranks[2], expected[2])
+
+
+class AllItemsOnly(torch.nn.Module):
+    """A Recommender seen through score_all alone: the all-items ranking of the same model."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def score_all(self, users, seqs):
+        return self.model.score_all(users, seqs)
+
+
+@pytest.mark.parametrize(("backbone", "model"), [("sasrec", "grasp"), ("bert4rec", "id"), ("gru4rec", "llmesr")])
+def test_full_ranking_through_the_fused_top_k_equals_all_items_below_the_cutoff(backbone, model):
+    """Full ranking of a Recommender runs encoder.topk (no [B, num_items] scores): ranks below max(KS) equal
+    those of score_all, the others are max(KS)."""
+    from grasp.models import build_model
+
+    data = make_dataset(_seed(), num_users=30, num_items=120, lengths=(5, 30))
+    tables = random_llm_tables(data.num_users, data.num_items)
+    net = build_model(backbone, model, num_users=data.num_users, num_items=data.num_items, d=8, max_len=6,
+                      tables=tables).eval()  # fmt: skip
+    _, _, fused = compute_ranks(net, data, "test", max_len=6, batch_size=7)
+    _, _, every = compute_ranks(AllItemsOnly(net), data, "test", max_len=6, batch_size=7)
+    np.testing.assert_array_equal(fused, np.minimum(every, max(KS)))
+    assert (every < max(KS)).any() and (every >= max(KS)).any()

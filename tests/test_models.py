@@ -8,6 +8,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from _support import random_llm_tables
 
 import grasp.models.item_encoders as item_encoders
 from grasp.models import BACKBONES, MODELS, build_model
@@ -22,26 +23,7 @@ COMBINATIONS = list(itertools.product(BACKBONES, MODELS))
 
 
 def random_tables(num_users: int = NUM_USERS, num_items: int = NUM_ITEMS, dim: int = DIM) -> Tables:
-    """Fresh random tables with zero padding rows and valid neighbour ids."""
-
-    def table(n: int) -> np.ndarray:
-        t = np.random.default_rng(int(torch.randint(1 << 30, ()))).standard_normal((n + 1, dim)).astype(np.float32)
-        t[0] = 0
-        return t
-
-    def neighbors(n: int) -> np.ndarray:
-        ids = torch.randint(1, n + 1, (n + 1, 3)).numpy()
-        ids[0] = 0
-        return ids
-
-    return Tables(
-        table(num_users),
-        table(num_users),
-        table(num_items),
-        table(num_items),
-        neighbors(num_users),
-        neighbors(num_items),
-    )
+    return random_llm_tables(num_users, num_items, dim)
 
 
 def make(backbone: str, model: str, tables: Tables | None = None, **kwargs) -> torch.nn.Module:
@@ -548,3 +530,33 @@ def test_sasrec_learns_a_deterministic_pattern(model):
     with torch.no_grad():
         top = net.score_all(users, seqs[:, :-1]).argmax(1)
     assert (top == seqs[:, -1]).float().mean() > 0.9
+
+
+@pytest.mark.parametrize(("backbone", "model", "options"), [
+    *((b, m, {}) for b, m in COMBINATIONS),
+    ("sasrec", "grasp", {"activation": "softmax"}),  # no fold: the top of score_all
+    ("sasrec", "grasp", {"hae_branches": ("self", "global")}),
+])  # fmt: skip
+def test_encoder_top_k_is_the_top_of_score_all(backbone, model, options):
+    """encoder.topk (grasp.ops.score_topk, the enhancer folded for grasp) against score_all + a stable sort:
+    the same scores, the k best items up to rounding, no excluded item; k = 1 to every item that remains."""
+    net = make(backbone, model, **options).eval()
+    users, seqs, _ = batch(length=8)
+    with torch.no_grad():
+        state = net.user_state(users, seqs)
+        every = net.encoder.score_all(users, state)[:, 1:].double()
+        exclude = seqs[:, -4:]  # the last items of the history; 0 entries (padding) are ignored
+        rows = torch.arange(len(users)).unsqueeze(1).expand_as(exclude)
+        every[rows[exclude > 0], exclude[exclude > 0] - 1] = float("-inf")
+        remaining = int(torch.isfinite(every).sum(1).min())
+        for k in (1, 5, remaining, NUM_ITEMS):
+            scores, items = net.encoder.topk(users, state, k, exclude)
+            assert scores.shape == items.shape == (len(users), k) and scores.dtype == torch.float32
+            real = items > 0
+            assert (real.sum(1) == torch.isfinite(every).sum(1).clamp(max=k)).all()
+            assert torch.isneginf(scores[~real]).all()
+            truth = every.gather(1, (items - 1).clamp(min=0))
+            torch.testing.assert_close(scores.double()[real], truth[real], atol=1e-5, rtol=1e-5)
+            kth = every.sort(1, descending=True).values[:, :k]
+            assert (truth[real] >= kth[real] - 1e-5).all()
+            assert not (items.unsqueeze(2) == exclude.unsqueeze(1)).logical_and(exclude.unsqueeze(1) > 0).any()

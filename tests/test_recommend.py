@@ -72,7 +72,7 @@ def test_recommend_is_the_models_own_top_k_in_original_ids(run):
         assert_is_top_k(out.items[n], out.scores[n], scores[n], 6, rec.dataset.item_tokens)
         seen = {rec.dataset.item_tokens[i] for i in rec.dataset.sequences[rec.dataset.user_ids[user]]}
         assert not seen & set(out.items[n])
-        titles = [rec.dataset.item_attributes[rec.dataset.item_ids[i]].get("title", "") for i in out.items[n]]
+        titles = [rec.dataset.item_attributes[rec.dataset.item_ids[i]]["title"] for i in out.items[n]]
         assert out.titles[n] == titles
 
 

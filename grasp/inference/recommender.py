@@ -31,6 +31,8 @@ __all__ = ["Recommendations", "TrainedRecommender"]
 
 _RUN_FILE = "train.json"
 _SEED_FILE = "config.json"
+#: Item attributes that name an item, in order of preference.
+_TITLE_KEYS = ("title", "name", "text")
 
 
 @dataclass
@@ -41,7 +43,8 @@ class Recommendations:
         users: the users' original ids, one per row.
         items: ``[rows][<= k]`` original item ids, best first (a row is shorter when fewer items remain).
         scores: ``[rows][<= k]`` the model's scores of those items.
-        titles: ``[rows][<= k]`` the items' titles, or None when the dataset has no titles.
+        titles: ``[rows][<= k]`` the items' titles (the ``title`` attribute, else ``name``, else a RecBole
+            ``text`` column), or None when the dataset has none.
     """
 
     users: list[str]
@@ -73,7 +76,7 @@ class TrainedRecommender:
         self.config = config
         self.seed_dir = seed_dir
         self.device = next(model.parameters()).device
-        titles = [dataset.item_attributes.get(i, {}).get("title") for i in range(1, dataset.num_items + 1)]
+        titles = [_title(dataset.item_attributes.get(i, {})) for i in range(1, dataset.num_items + 1)]
         self._titles = None if all(t is None for t in titles) else ["", *(t or "" for t in titles)]
 
     @classmethod
@@ -213,6 +216,11 @@ class TrainedRecommender:
         top = order.values[:, :k]
         items = torch.where(torch.isneginf(top), 0, cand.gather(1, order.indices[:, :k]))
         return top, items
+
+
+def _title(attributes: dict[str, str]) -> str | None:
+    """An item's title: its ``title`` attribute, else ``name``, else the raw ``text`` column (RecBole)."""
+    return next((attributes[key] for key in _TITLE_KEYS if attributes.get(key)), None)
 
 
 def _pad_right(sequences: Sequence[np.ndarray], width: int) -> np.ndarray:

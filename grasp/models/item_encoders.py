@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from grasp.nn import HolisticAttention
+from grasp.ops import score_topk
 
 __all__ = [
     "IdEncoder",
@@ -136,6 +137,30 @@ class IdEncoder(nn.Module):
         """``<state[b], e(item)>`` for every item 0..num_items: ``[B, num_items + 1]``."""
         return state @ self.item_table().T
 
+    def topk(self, users: Tensor, state: Tensor, k: int, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The ``k`` best items of ``1..num_items`` for each user state, by :func:`grasp.ops.score_topk` (no
+        ``[B, num_items]`` score matrix).
+
+        Args:
+            users: ``[B]`` user ids; state: ``[B, width]`` user states.
+            exclude: optional int64 ``[B, X]`` item ids never returned (0 entries are ignored).
+
+        Returns:
+            ``(scores float32 [B, k], items int64 [B, k])``, best first, equal scores by the smaller item id;
+            where fewer than k items remain, the tail is ``-inf`` / 0.
+        """
+        return _items_of_rows(*score_topk(state, self.item_table()[1:], k, exclude=_rows_of_items(exclude)))
+
+
+def _rows_of_items(exclude: Tensor | None) -> Tensor | None:
+    """Item ids (0 = none) as rows of the item tables without padding (-1 = none)."""
+    return None if exclude is None else exclude.to(torch.int64) - 1
+
+
+def _items_of_rows(scores: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """``(scores, item ids)`` of ``score_topk``'s rows (its -1 filler becomes item 0)."""
+    return scores, rows + 1
+
 
 class GraspEncoder(IdEncoder):
     """GRASP item representation ``id_embedding(item) + enhancer(user, item)`` (user-conditioned).
@@ -228,6 +253,37 @@ class GraspEncoder(IdEncoder):
                 rep = enhancer.combine(u, u_sim, i, i_sim, None, row_lse)
             scores[:, 1 + lo : 1 + lo + width] += torch.bmm(rep, state.unsqueeze(-1)).squeeze(-1)
         return scores
+
+    def topk(self, users: Tensor, state: Tensor, k: int, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """:meth:`IdEncoder.topk` with the user-conditioned item vectors.
+
+        With sigmoid gates the enhancer folds into :func:`grasp.ops.score_topk`'s gated form (see
+        :meth:`grasp.nn.HolisticAttention.score_terms`): no ``[B, num_items]`` scores nor ``[B, num_items, d]``
+        vectors. The softmax and no-attention ablations score the catalogue with :meth:`score_all` (memory
+        ``B x num_items``) and take the top k of that.
+        """
+        enhancer = self.enhancer
+        if not (enhancer.attention and enhancer.activation == "sigmoid"):
+            return _topk_of_scores(self.score_all(users, state)[:, 1:], k, _rows_of_items(exclude))
+        u, u_sim = self.adapt_users(users)
+        i, i_sim = self.adapt_items(torch.arange(1, self.num_items + 1, device=users.device))
+        gated, offset = enhancer.score_terms(u, u_sim, i, i_sim, state)
+        table = self.embedding.weight[1 : self.num_items + 1]
+        scores, rows = score_topk(state, table, k, exclude=_rows_of_items(exclude), gated=gated)
+        return _items_of_rows(scores + offset.unsqueeze(1).float(), rows)
+
+
+def _topk_of_scores(scores: Tensor, k: int, exclude: Tensor | None) -> tuple[Tensor, Tensor]:
+    """:meth:`IdEncoder.topk` from a full score matrix ``[B, M]`` of rows (items 1..M)."""
+    scores = scores.float().clone()
+    if exclude is not None:
+        keep = exclude >= 0
+        rows = torch.arange(len(scores), device=scores.device).unsqueeze(1).expand_as(exclude)
+        scores[rows[keep], exclude[keep]] = float("-inf")
+    order = torch.sort(scores, dim=1, descending=True, stable=True)
+    top, rows = order.values[:, :k], order.indices[:, :k]
+    rows = torch.where(torch.isneginf(top), -1, rows)
+    return _items_of_rows(top, rows)
 
 
 class DualViewEncoder(IdEncoder):

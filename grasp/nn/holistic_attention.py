@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from grasp.nn.dropout import Dropout
 from grasp.ops._holistic_attention_reference import gate_logits
 from grasp.ops.holistic_attention import ACTIVATIONS, holistic_attention
-from grasp.ops.holistic_attention_projected import has_kernel, holistic_attention_projected
+from grasp.ops.holistic_attention_projected import has_kernel, holistic_attention_projected, projected_values
+from grasp.ops.score_topk import Gated
 
 __all__ = ["ACTIVATIONS", "BRANCHES", "Adapter", "HolisticAttention", "check_combination", "check_options"]
 
@@ -163,16 +164,39 @@ class HolisticAttention(nn.Module):
         if not self.fused(i.device):
             i, i_sim = (t.index_select(0, cols)[None] for t in (i, i_sim))
             return self.combine(u[rows][None], u_sim[rows][None], i, i_sim, None)[0]
-        first, rest = self.mlp[0], self.mlp[1:]
-        # A dropped branch is a zero block of the first layer's weight. Under autocast the op casts the
-        # adapters' outputs and the layer's parameters to the autocast dtype, as nn.Linear would.
-        weight = first.weight
-        if self.keep is not None:
-            weight = weight.new_zeros(weight.shape[0], 4 * self.d).index_copy(1, self.keep, weight)
+        # Under autocast the op casts the adapters' outputs and the layer's parameters to the autocast dtype,
+        # as nn.Linear would.
         hidden = holistic_attention_projected(
-            u, u_sim, i, i_sim, weight, first.bias, user_index=rows, item_index=cols, backend=self.backend
+            u, u_sim, i, i_sim, self._first_weight(), self.mlp[0].bias, user_index=rows, item_index=cols,
+            backend=self.backend,
         )
-        return rest(hidden)
+        return self.mlp[1:](hidden)
+
+    def _first_weight(self) -> Tensor:
+        """The MLP's first weight over the op's whole ``4d`` output: a dropped branch is a zero block."""
+        weight = self.mlp[0].weight
+        if self.keep is None:
+            return weight
+        return weight.new_zeros(weight.shape[0], 4 * self.d).index_copy(1, self.keep, weight)
+
+    def score_terms(self, u: Tensor, u_sim: Tensor, i: Tensor, i_sim: Tensor, state: Tensor) -> tuple[Gated, Tensor]:
+        """The block folded for scoring every item against user states (sigmoid gates): ``<state[b], out(b, j)>
+        = <out_query[b], gelu(h[b, j])> + offset[b]``, with the MLP ``W2 gelu(W1 x + b1) + b2`` and
+        ``h = W1 x + b1`` mixed from the projected item values as in :func:`grasp.ops.holistic_attention_projected`.
+
+        Args:
+            u, u_sim: ``[B, d]`` adapted users; i, i_sim: ``[M, d]`` adapted items; state: ``[B, d]``.
+
+        Returns:
+            ``(gated, offset)``: the gated terms of :func:`grasp.ops.score_topk` (``out_query = state W2``) and
+            ``offset = <state, b2>`` ``[B]``.
+        """
+        if not (self.attention and self.activation == "sigmoid"):
+            raise ValueError("HolisticAttention.score_terms: the fold needs attention with sigmoid gates")
+        last = self.mlp[2]
+        values = projected_values(i, i_sim, self._first_weight())
+        gated = Gated(u, u_sim, i, i_sim, values, self.mlp[0].bias, state @ last.weight)
+        return gated, state @ last.bias
 
 
 def check_options(

@@ -8,6 +8,7 @@ missing, never a silent fallback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -97,6 +98,14 @@ def choose(
     if why:
         raise RuntimeError(f"{op}: backend {name!r} is not available for {device_type} tensors: {why}")
     return name
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """A context with autocast off for ``device_type``, for the ops that ignore autocast: they compute in the
+    dtypes they document."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def under_autocast_rule(fn: Callable[..., Tensor], item: object, floats: Sequence[object], *rest: object) -> Tensor:

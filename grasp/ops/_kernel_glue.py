@@ -16,6 +16,7 @@ __all__ = [
     "TRITON_DTYPES",
     "register_holistic_attention",
     "register_holistic_attention_projected",
+    "register_score_topk",
     "register_topk_neighbor_mean",
 ]
 
@@ -88,3 +89,19 @@ def register_topk_neighbor_mean(search: str, gather: str) -> None:
     @torch.library.register_fake(gather)
     def _gather_fake(x, indices):
         return x.new_empty((indices.shape[0], x.shape[1]))
+
+
+def register_score_topk(dot: str, gated: str) -> None:
+    """Fake kernels of a ``score_topk`` plain/gated pair (no autograd: scoring for retrieval is inference)."""
+
+    def outputs(query: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        B = query.shape[0]
+        return query.new_empty((B, k), dtype=torch.float32), query.new_empty((B, k), dtype=torch.int64)
+
+    @torch.library.register_fake(dot)
+    def _dot_fake(query, table, exclude, k):
+        return outputs(query, k)
+
+    @torch.library.register_fake(gated)
+    def _gated_fake(query, table, user, user_sim, item, item_sim, values, bias, out_query, exclude, k):
+        return outputs(query, k)

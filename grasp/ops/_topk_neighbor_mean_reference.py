@@ -33,7 +33,7 @@ def drop_own(scores: Tensor, idx: Tensor, own: Tensor, k: int) -> tuple[Tensor, 
     return scores[keep].view(-1, k), idx[keep].view(-1, k)
 
 
-def _select(sims: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def select_topk(sims: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-k of each row of ``sims`` in descending order, equal values ordered by the smaller column."""
     n = sims.shape[1]
     width = min(n, 2 * k + 8)
@@ -83,7 +83,7 @@ def topk_neighbor_mean_search_reference(
             cols = rows + (query_start + start)
             keep = cols < n
             sims[rows[keep], cols[keep]] = float("-inf")
-        scores[start:stop], indices[start:stop] = _select(sims, k)
+        scores[start:stop], indices[start:stop] = select_topk(sims, k)
     return scores, indices
 
 

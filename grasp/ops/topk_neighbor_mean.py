@@ -20,7 +20,6 @@ bytes: about six times the tensor-core time. The wide candidate margin
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
@@ -300,13 +299,6 @@ def _fast_search(search, q32: Tensor, db32: Tensor, db_low: Tensor, k: int, star
     return scores, indices, int(redo.numel())
 
 
-def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
-    """A context with autocast off for ``device_type``: the op computes in the dtypes it documents."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def topk_neighbor_mean(
     x: Tensor,
@@ -366,7 +358,7 @@ def topk_neighbor_mean(
         exclude_self = queries is None or queries is x
     _validate(x, k, queries, exclude_self, metric, precision, query_start, block_size)
     name = _backends.choose("topk_neighbor_mean", backend, x.device.type, AUTO_ORDER, backend_reason)
-    with _autocast_off(x.device.type):
+    with _backends.autocast_off(x.device.type):
         mean, indices, scores = _search_and_mean(x, k, queries, exclude_self, metric, precision, name,
                                                  query_start, block_size, progress)
     return (mean, indices, scores) if return_indices else mean

@@ -27,7 +27,7 @@ import torch
 from grasp._io import atomic_write
 from grasp.data import Dataset
 from grasp.training.batches import InteractionSet, history_matrix
-from grasp.training.metrics import group_metrics
+from grasp.training.metrics import KS, group_metrics
 
 __all__ = [
     "dataset_fingerprint",
@@ -178,6 +178,10 @@ def compute_ranks(
         seqs = torch.from_numpy(seqs_all[users_np]).to(device)
         targets = torch.from_numpy(targets_all[users_np]).to(device)
         with torch.autocast(device_type=device.type, enabled=False):
+            if negatives is None and hasattr(model, "encoder"):
+                hist = _histories(dataset, split, users_np)
+                ranks[part] = _full_ranks_top(model, users, seqs, targets, hist, device).cpu().numpy()
+                continue
             if negatives is not None:
                 cands = torch.cat([targets[:, None], torch.from_numpy(negatives[users_np]).to(device)], dim=1)
                 scores = model.score(users, seqs, cands).float()
@@ -191,8 +195,7 @@ def compute_ranks(
             target_score = scores[rows, targets]
             excluded = torch.zeros_like(scores, dtype=torch.bool)
             excluded[:, 0] = True
-            hist = [dataset.train[u] if split == "valid" else np.append(dataset.train[u], dataset.valid_items[u])
-                    for u in users_np]  # fmt: skip
+            hist = _histories(dataset, split, users_np)
             hist_rows = np.repeat(np.arange(len(users_np)), [len(h) for h in hist])
             hist_cols = np.concatenate(hist) if hist else np.zeros(0, dtype=np.int64)
             excluded[torch.from_numpy(hist_rows).to(device), torch.from_numpy(hist_cols).to(device)] = True
@@ -200,6 +203,47 @@ def compute_ranks(
             rank = ((scores >= target_score[:, None]) & ~excluded).sum(dim=1) - 1
         ranks[part] = rank.cpu().numpy()
     return users_all, targets_all[users_all], ranks
+
+
+def _histories(dataset: Dataset, split: str, users: np.ndarray) -> list[np.ndarray]:
+    """Each user's items before ``split``'s target (excluded from full ranking, unless they are the target)."""
+    if split == "valid":
+        return [dataset.train[u] for u in users]
+    return [np.append(dataset.train[u], dataset.valid_items[u]) for u in users]
+
+
+def _full_ranks_top(
+    model: torch.nn.Module,
+    users: torch.Tensor,
+    seqs: torch.Tensor,
+    targets: torch.Tensor,
+    hist: list[np.ndarray],
+    device: torch.device,
+) -> torch.Tensor:
+    """Full-ranking ranks of a :class:`~grasp.models.Recommender` from its fused top-k scoring (history left out,
+    the target kept), exact below ``max(KS)`` and ``max(KS)`` otherwise.
+
+    With the ``max(KS) + 1`` best items: if fewer than ``max(KS)`` of them (the target aside) score at least the
+    target's score, one of them scores below it, and so does every item outside the list: the count is the
+    rank. Otherwise the rank is at least ``max(KS)``. Only ranks below ``max(KS)`` count in the metrics, so they
+    equal those of scoring every item, without a ``[B, num_items]`` score matrix. The target's own score comes
+    from the model's candidate scoring; a target tied with an item to the last bits may rank one place apart
+    from the all-items computation.
+    """
+    depth = min(max(KS) + 1, model.encoder.num_items)
+    state = model.user_state(users, seqs)
+    target_score = torch.bmm(model.encoder(users, targets[:, None]), state.unsqueeze(-1)).squeeze(-1).float()
+    _check_finite(target_score, users)
+    width = max(1, max(len(h) for h in hist))
+    exclude = torch.zeros(len(hist), width, dtype=torch.int64)
+    for row, items in enumerate(hist):
+        exclude[row, : len(items)] = torch.from_numpy(items)
+    exclude = exclude.to(device)
+    exclude = torch.where(exclude == targets[:, None], 0, exclude)  # the target stays a candidate
+    scores, items = model.encoder.topk(users, state, depth, exclude)
+    _check_finite(scores, users)
+    above = (scores >= target_score) & (items != targets[:, None]) & (items > 0)
+    return above.sum(dim=1).clamp(max=max(KS))
 
 
 def evaluate_split(
