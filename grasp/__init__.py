@@ -1,24 +1,17 @@
 """grasp: LLM world knowledge for sequential recommenders, robust to LLM hallucination.
 
 ``grasp.ops`` holds the fused operators (holistic attention, top-k neighbour
-averaging), ``grasp.nn`` the modules built on them. Importing grasp loads the
-compiled extension ``grasp._C`` when it was built.
+averaging), ``grasp.nn`` the modules built on them. Both are imported on first
+use, as is ``grasp.TrainedRecommender``, so ``import grasp`` (and every
+``grasp`` command before it needs them) does not import torch. Importing
+``grasp.ops`` loads the compiled extension ``grasp._C`` when it was built and
+registers the ``torch.ops.grasp.*`` operators.
 """
 
-from grasp import (
-    _extension,  # noqa: F401  (loads grasp._C first, so its ops exist for grasp.ops)
-    nn,
-    ops,
-)
+from grasp import _lazy
 
 __version__ = "0.1.0"
+
+_EXPORTS = {"grasp.nn": ("nn",), "grasp.ops": ("ops",), "grasp.inference": ("TrainedRecommender",)}
 __all__ = ["nn", "ops", "TrainedRecommender", "__version__"]
-
-
-def __getattr__(name: str):
-    # grasp.TrainedRecommender without importing the training stack on `import grasp`
-    if name == "TrainedRecommender":
-        from grasp.inference import TrainedRecommender
-
-        return TrainedRecommender
-    raise AttributeError(f"module 'grasp' has no attribute {name!r}")
+__getattr__, __dir__ = _lazy.lazy_exports(__name__, _EXPORTS)

@@ -17,10 +17,11 @@ import torch  # noqa: E402
 from _support import HashEncoder  # noqa: E402
 from openai_server import FakeOpenAIServer  # noqa: E402
 
-import grasp  # noqa: E402,F401  (loads the extension before any test imports ops)
+import grasp.ops  # noqa: E402,F401  (loads the extension and registers the grasp ops before any test runs)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-#: Every run draws fresh inputs; a failure is replayed with GRASP_TEST_SEED=<seed shown in the header>.
+#: Every run draws fresh inputs; a failure is replayed with GRASP_TEST_SEED=<seed>, which every failure
+#: message starts with (and the header shows).
 SEED = int(os.environ.get("GRASP_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
 
 
@@ -29,6 +30,24 @@ def pytest_report_header(config) -> list[str]:
 
     rows = [f"{op}/{b}/{dev}: {status}" for op, b, dev, status in backend_table() if status == "available"]
     return [f"grasp test seed: GRASP_TEST_SEED={SEED}", "grasp backends available: " + ", ".join(rows)]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Put the replay seed at the front of every failure message, where ``-q``'s summary line shows it."""
+    outcome = yield
+    report = outcome.get_result()
+    replay = f"GRASP_TEST_SEED={SEED}"
+    crash = getattr(report.longrepr, "reprcrash", None)
+    if report.failed and crash is not None and replay not in crash.message:
+        crash.message = f"[{replay}] {crash.message}"
+        report.sections.append(("grasp test seed", f"replay with {replay} python -m pytest '{item.nodeid}'"))
+
+
+@pytest.fixture(autouse=True)
+def _grasp_cache(monkeypatch, tmp_path_factory) -> None:
+    """Every test gets its own empty shared cache ($GRASP_CACHE), never the user's ~/.cache/grasp."""
+    monkeypatch.setenv("GRASP_CACHE", str(tmp_path_factory.mktemp("grasp-cache")))
 
 
 @pytest.fixture(autouse=True)

@@ -25,6 +25,8 @@ FAST = [
     "--no-progress",
     "--device",
     "cpu",
+    "--model",  # the plain backbone unless a test names another model (a later --model wins)
+    "id",
 ]
 
 
@@ -133,7 +135,7 @@ def test_changed_tables_need_force(tmp_path, capsys, hash_encoder):
     run = tmp_path / "run"
     argv = ["train", "--out", str(run), *DATA, *FAST, "--model", "grasp"]
     assert main(argv) == 0
-    assert main([*argv, "--k", "4"]) == 2  # retrieve runs again with another k: other tables
+    assert main([*argv, "--k", "4", "--resume"]) == 2  # retrieve runs again with another k: other tables
     assert "the LLM tables (generate / embed / retrieve ran again" in capsys.readouterr().err
 
 

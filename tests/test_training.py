@@ -36,7 +36,8 @@ def _seed() -> int:
 
 
 def _config(**kw) -> TrainConfig:
-    base = dict(d=8, max_len=6, epochs=3, batch_size=16, patience=5, eval_negatives=20, device="cpu", dropout=0.2)
+    base = dict(model="id", d=8, max_len=6, epochs=3, batch_size=16, patience=5, eval_negatives=20, device="cpu",
+                dropout=0.2)  # fmt: skip
     base.update(kw)
     return TrainConfig(**base)
 
@@ -106,7 +107,7 @@ def test_bert4rec_flags_reach_the_model_and_config_json(tmp_path):
     from grasp.training import build_recommender
 
     assert TrainConfig().bert_negatives == "auto" and TrainConfig().mask_prob == 0.2
-    config = TrainConfig.from_args(_parse("--backbone bert4rec --bert-negatives 7 --mask-prob 0.4".split()))
+    config = TrainConfig.from_args(_parse("--model id --backbone bert4rec --bert-negatives 7 --mask-prob 0.4".split()))
     assert config.bert_negatives == 7 and config.mask_prob == 0.4
     assert TrainConfig.from_args(_parse("--backbone bert4rec --bert-negatives full".split())).bert_negatives == "full"
     data = make_dataset(_seed(), num_users=16, num_items=40, lengths=(5, 10))
@@ -366,7 +367,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     tolerance covers reduction-order rounding (weights within 1e-4, metrics within 1 point).
     """
     seed = _seed()
-    spec = dict(d=8, max_len=6, epochs=2, batch_size=16, eval_negatives=20, device="cpu", dropout=0.0)
+    spec = dict(model="id", d=8, max_len=6, epochs=2, batch_size=16, eval_negatives=20, device="cpu", dropout=0.0)
     data_kw = dict(num_users=64, num_items=60, lengths=(9, 9))
     single = train(tmp_path / "one", make_dataset(seed, **data_kw), None, TrainConfig(**spec), progress=False,
                    model_factory=tiny_factory)  # fmt: skip

@@ -1,6 +1,6 @@
 """Download of the MovieLens archives into a local cache, verified by SHA-256.
 
-Layout of the cache (``$GRASP_CACHE``, else ``~/.cache/grasp``)::
+Layout of the cache folder (:func:`default_cache_dir`, ``~/.cache/grasp`` by default)::
 
     movielens/ml-100k.zip       the verified archive
     movielens/ml-100k/          its extracted folder (u.data, u.item, ...), with a .grasp-sha256 marker
@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import sys
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from grasp._console import progress as progress_bar
 from grasp._io import sha256_file
 from grasp.data.core import DataError
 
@@ -45,8 +45,12 @@ class DownloadError(RuntimeError):
 
 
 def default_cache_dir() -> Path:
-    """The download cache: ``$GRASP_CACHE`` when set, else ``~/.cache/grasp``."""
-    return Path(os.environ.get("GRASP_CACHE") or Path.home() / ".cache" / "grasp").expanduser()
+    """The download cache: the folder of the shared cache, :func:`grasp.cache.cache_dir` (``$GRASP_CACHE``,
+    else ``$XDG_CACHE_HOME/grasp``, else ``~/.cache/grasp``; also with ``GRASP_CACHE=off``, which turns off only
+    the cached embeddings and descriptions)."""
+    from grasp.cache.store import cache_dir
+
+    return cache_dir()
 
 
 def _offline_hint(name: str, url: str) -> str:
@@ -65,17 +69,12 @@ def _download(url: str, target: Path, expected: str, name: str, progress: bool) 
         digest = hashlib.sha256()
         try:
             with handle, urllib.request.urlopen(url, timeout=60) as response:
-                total = int(response.headers.get("Content-Length") or 0)
-                done, shown = 0, -1
-                while chunk := response.read(_CHUNK):
-                    handle.write(chunk)
-                    digest.update(chunk)
-                    done += len(chunk)
-                    if progress and total and done * 20 // total != shown:
-                        shown = done * 20 // total
-                        print(f"\rdownloading {url}: {100 * done // total}%", end="", file=sys.stderr, flush=True)
-                if progress and total:
-                    print(file=sys.stderr)
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with progress_bar(total, f"download {url}", "B", enabled=progress) as bar:
+                    while chunk := response.read(_CHUNK):
+                        handle.write(chunk)
+                        digest.update(chunk)
+                        bar.update(len(chunk))
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", None) or e
             raise DownloadError(f"could not download {url}: {reason}; {_offline_hint(name, url)}") from None

@@ -15,6 +15,8 @@ A result with NaN / inf values or the wrong number of rows raises :class:`Embedd
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -133,7 +135,10 @@ class SentenceTransformerEncoder:
         result = np.zeros((len(texts), self.dimension), dtype=np.float32)
         if rows:
             vectors = self._load().encode(
-                [texts[i] for i in rows], batch_size=self.batch_size, show_progress_bar=progress, convert_to_numpy=True
+                [texts[i] for i in rows],
+                batch_size=self.batch_size,
+                show_progress_bar=progress and sys.stderr.isatty(),  # no carriage-return redraws in logs
+                convert_to_numpy=True,
             )
             result[rows] = _check_result(self.name, vectors, len(rows))
         return _check_result(self.name, result, len(texts))
@@ -195,7 +200,9 @@ class OpenAIEmbeddingEncoder:
         self._options: dict[str, Any] = {"model": model, "encoding_format": "float"}
         if dimensions is not None:
             self._options["dimensions"] = dimensions
-        self._variant = json.dumps({"model": model, "dimensions": dimensions, "base_url": base_url}, sort_keys=True)
+        # The server that answers: with no base_url, the openai client takes OPENAI_BASE_URL when it is set.
+        server = base_url or os.environ.get("OPENAI_BASE_URL")
+        self._variant = json.dumps({"model": model, "dimensions": dimensions, "base_url": server}, sort_keys=True)
         self._dimension = dimensions or _OPENAI_DIMENSIONS.get(model)
         self.stats: dict[str, float] = {}
 

@@ -11,13 +11,14 @@ Both skip ``""`` prompts (the padding row), whose text is ``""``.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from grasp.llm import MalformedResponse, OpenAIRunner, ResponseCache, string_list
+from grasp.llm import MalformedResponse, OpenAIRunner, ResponseCache, ResponseStore, string_list
 
 __all__ = [
     "GenerationResult",
@@ -82,7 +83,8 @@ class OpenAIGenerator:
         base_url: the API root (e.g. ``http://127.0.0.1:8000/v1`` for vLLM); OpenAI's by default.
         concurrency, timeout, max_retries, backoff_base, backoff_max, api_key_env: see
             :class:`~grasp.llm.OpenAIRunner` (the key comes from the environment only).
-        cache: a :class:`ResponseCache` or its path; None keeps nothing (no resume).
+        cache: a :class:`ResponseCache` (or another :class:`~grasp.llm.ResponseStore`, such as the shared
+            cache of :mod:`grasp.cache`) or its path; None keeps nothing (no resume).
         system_prompt: the system message sent before every prompt.
         temperature, max_tokens: sampling settings sent with every request (None leaves them out).
 
@@ -98,7 +100,7 @@ class OpenAIGenerator:
         concurrency: int = 8,
         timeout: float = 60.0,
         max_retries: int = 5,
-        cache: ResponseCache | str | Path | None = None,
+        cache: ResponseStore | str | Path | None = None,
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         temperature: float | None = 0.0,
         max_tokens: int | None = 300,
@@ -123,8 +125,10 @@ class OpenAIGenerator:
         if max_tokens is not None:
             self._options["max_tokens"] = max_tokens
         self.system_prompt = system_prompt
+        # The server that answers: with no base_url, the openai client takes OPENAI_BASE_URL when it is set.
+        server = base_url or os.environ.get("OPENAI_BASE_URL")
         self._variant = json.dumps(
-            {**self._options, "system_prompt": system_prompt, "base_url": base_url}, sort_keys=True
+            {**self._options, "system_prompt": system_prompt, "base_url": server}, sort_keys=True
         )
 
     def __repr__(self) -> str:

@@ -12,13 +12,15 @@ import argparse
 import csv
 import json
 import os
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from grasp.inference.recommender import TrainedRecommender
+from grasp._console import progress
+
+if TYPE_CHECKING:
+    from grasp.inference.recommender import TrainedRecommender
 
 __all__ = ["add_recommend_arguments", "recommend_main"]
 
@@ -58,6 +60,8 @@ def recommend_main(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if kind == "parquet":
         _pyarrow()
+    from grasp.inference.recommender import TrainedRecommender  # imports torch: not needed to build the flags
+
     started = time.perf_counter()
     device = None if args.device == "auto" else args.device
     rec = TrainedRecommender.load(args.run_dir, args.checkpoint, device, seed=args.seed)
@@ -92,24 +96,11 @@ def _read_users(spec: str, rec: TrainedRecommender) -> list[str]:
 
 
 def _progress(recs: Iterable[Any], total: int, show: bool) -> Iterator[Any]:
-    """``recs`` unchanged, with a progress bar on a terminal and a plain line per tenth otherwise."""
-    if not show:
-        yield from recs
-        return
-    if sys.stderr.isatty():
-        from tqdm.auto import tqdm
-
-        with tqdm(total=total, unit="user", desc="recommend") as bar:
-            for batch in recs:
-                bar.update(len(batch.users))
-                yield batch
-        return
-    done, step = 0, max(1, total // 10)
-    for batch in recs:
-        done += len(batch.users)
-        if done // step != (done - len(batch.users)) // step or done == total:
-            print(f"recommend: {done}/{total} users", file=sys.stderr, flush=True)
-        yield batch
+    """``recs`` unchanged, counted by a progress bar (plain lines when stderr is not a terminal)."""
+    with progress(total, "recommend", "user", enabled=show) as bar:
+        for batch in recs:
+            bar.update(len(batch.users))
+            yield batch
 
 
 def _write(path: Path, kind: str, fields: list[str], recs: Iterable[Any]) -> int:

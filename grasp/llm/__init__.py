@@ -5,7 +5,15 @@
 a finished request. The ``openai`` package is imported only when a runner is made.
 """
 
-from grasp.llm.cache import ResponseCache, cache_key
+from grasp.llm.cache import ResponseCache, ResponseStore, cache_key
 from grasp.llm.client import MalformedResponse, OpenAIRunner, RequestStats, string_list
 
-__all__ = ["OpenAIRunner", "RequestStats", "MalformedResponse", "string_list", "ResponseCache", "cache_key"]
+__all__ = [
+    "OpenAIRunner",
+    "RequestStats",
+    "MalformedResponse",
+    "string_list",
+    "ResponseCache",
+    "ResponseStore",
+    "cache_key",
+]

@@ -19,12 +19,13 @@ import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from grasp.data.core import DataError
 
-__all__ = ["ResponseCache", "cache_key"]
+__all__ = ["ResponseCache", "ResponseStore", "cache_key"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,20 @@ def _decode(value: object) -> Value:
     if isinstance(value, dict) and isinstance(value.get("f32"), str):
         return np.frombuffer(base64.b64decode(value["f32"], validate=True), dtype=np.float32).copy()
     raise ValueError(f"unexpected value {str(value)[:60]!r}")
+
+
+class ResponseStore(Protocol):
+    """What the generators need of a cache: :class:`ResponseCache`, or the shared cache's
+    :class:`~grasp.cache.SharedResponses`."""
+
+    def get(self, kind: str, model: str, prompt: str) -> Value | None:
+        """The stored value for ``(kind, model, prompt)``, or None."""
+
+    def put(self, kind: str, model: str, prompt: str, value: str) -> None:
+        """Store one text durably before returning."""
+
+    def close(self) -> None:
+        """Release the file."""
 
 
 class ResponseCache:

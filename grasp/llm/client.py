@@ -27,7 +27,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import urlparse
 
-from tqdm.auto import tqdm
+from grasp._console import progress as progress_bar
 
 if TYPE_CHECKING:
     import openai
@@ -260,14 +260,7 @@ class OpenAIRunner(Generic[T, R]):
                 on_success(index, value)
             return reason
 
-        bar = tqdm(
-            total=sum(weights) + initial,
-            initial=initial,
-            desc=desc,
-            unit=unit,
-            disable=not progress,
-            dynamic_ncols=True,
-        )
+        bar = progress_bar(sum(weights) + initial, desc, unit, enabled=progress, initial=initial)
         executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="grasp-openai")
         started = time.perf_counter()
         try:
@@ -279,7 +272,7 @@ class OpenAIRunner(Generic[T, R]):
                     failures[index] = reason
                     log.warning("request %d failed: %s", index, reason)
                 bar.update(weights[index])
-                bar.set_postfix(failures=len(failures), retries=stats.retries, refresh=False)
+                bar.set_postfix(failures=len(failures), retries=stats.retries)
         except BaseException:  # e.g. Ctrl-C: drop queued tasks, stop retry waits, do not wait for requests in flight
             stop.set()
             executor.shutdown(wait=False, cancel_futures=True)

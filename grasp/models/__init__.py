@@ -16,7 +16,13 @@ Example:
     torch.Size([4, 51])
 """
 
-from grasp.models.build import BACKBONES, MODELS, build_model
-from grasp.models.recommender import NeighborDistillation, Recommender
+from grasp import _lazy
 
-__all__ = ["build_model", "BACKBONES", "MODELS", "Recommender", "NeighborDistillation"]
+#: Imported on first use: the models import torch, their options (grasp.models.options) do not.
+_EXPORTS = {
+    "grasp.models.build": ("build_model",),
+    "grasp.models.options": ("BACKBONES", "MODELS"),
+    "grasp.models.recommender": ("Recommender", "NeighborDistillation"),
+}
+__all__ = [name for names in _EXPORTS.values() for name in names]
+__getattr__, __dir__ = _lazy.lazy_exports(__name__, _EXPORTS)

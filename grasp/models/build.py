@@ -10,8 +10,17 @@ import numpy as np
 
 from grasp.models.backbones import GRU4Rec, bert4rec, sasrec
 from grasp.models.item_encoders import DualViewEncoder, GraspEncoder, IdEncoder, embedding_std, pca_embedding
+from grasp.models.options import (
+    ACTIVATIONS,
+    AUTO_BERT_NEGATIVES,
+    BACKBONES,
+    DEFAULT_BRANCHES,
+    DEFAULT_ID_INIT,
+    ID_INITS,
+    MODELS,
+)
 from grasp.models.recommender import NeighborDistillation, Recommender
-from grasp.nn.holistic_attention import ACTIVATIONS, BRANCHES, HolisticAttention, check_combination, check_options
+from grasp.nn.holistic_attention import HolisticAttention, check_combination, check_options
 
 if TYPE_CHECKING:
     from grasp.pipeline.tables import Tables
@@ -28,17 +37,8 @@ __all__ = [
     "AUTO_BERT_NEGATIVES",
 ]
 
-BACKBONES = ("sasrec", "bert4rec", "gru4rec")
-MODELS = ("id", "grasp", "llminit", "llmesr")
-DEFAULT_BRANCHES = tuple(BRANCHES)
 #: build_model's names of HolisticAttention's arguments.
 _NN_ARGUMENTS = {"branches": "hae_branches"}
-#: How GRASP initialises its ID embeddings: ``N(0, 1/d)`` or the PCA of the LLM item embeddings (LLMInit's).
-ID_INITS = ("random", "pca")
-#: GRASP's default ID initialisation (it beats ``"random"`` on ml-100k and amazon-office; README).
-DEFAULT_ID_INIT = "pca"
-#: Sampled-softmax size of BERT4Rec under ``bert_negatives="auto"`` (every model: the same loss for all).
-AUTO_BERT_NEGATIVES = 256
 
 #: Tables each model reads.
 _NEEDS = {

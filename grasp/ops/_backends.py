@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import os
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -22,6 +23,19 @@ from grasp import _extension
 from grasp.ops._kernel_glue import TRITON_DTYPES
 
 BACKENDS = ("reference", "cpu", "cuda", "triton", "faiss")
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def constant_under_compile(fn: _F) -> _F:
+    """Mark ``fn`` as ``torch.compiler.assume_constant_result`` does: torch.compile calls it while tracing and
+    keeps its result as a constant.
+
+    That decorator imports torch._dynamo, and Triton with it: seconds on every ``import grasp.ops``. This sets
+    the same mark, which only torch.compile reads (tests/test_startup.py checks that both mark a function alike).
+    """
+    fn._dynamo_marked_constant = True
+    return fn
 
 
 def interpreting() -> bool:

@@ -59,7 +59,7 @@ def backend_reason(backend: str, device_type: str, dtype: torch.dtype | None = N
     return _backends.reason("holistic_attention", backend, device_type, dtype)
 
 
-@torch.compiler.assume_constant_result
+@_backends.constant_under_compile
 def _choose_backend(requested: str | None, device_type: str, dtype: torch.dtype) -> str:
     # A constant for torch.compile: availability checks are not traceable and never change mid-graph.
     return _backends.choose(

@@ -49,12 +49,12 @@ def backend_reason(backend: str, device_type: str, dtype: torch.dtype | None = N
     return _backends.reason(_NAME, backend, device_type, dtype)
 
 
-@torch.compiler.assume_constant_result
+@_backends.constant_under_compile
 def _choose_backend(requested: str | None, device_type: str, dtype: torch.dtype) -> str:
     return _backends.choose(_NAME, requested, device_type, AUTO_ORDER, lambda b, dev: backend_reason(b, dev, dtype))
 
 
-@torch.compiler.assume_constant_result
+@_backends.constant_under_compile
 def has_kernel(requested: str | None, device_type: str) -> bool:
     """Whether the op runs on a kernel here: the ``requested`` backend (else ``GRASP_BACKEND``) if one is
     forced and available, else any available non-reference backend. Callers with an unfused alternative

@@ -51,7 +51,7 @@ def backend_reason(backend: str, device_type: str, dtype: torch.dtype | None = N
     return why
 
 
-@torch.compiler.assume_constant_result
+@_backends.constant_under_compile
 def _choose_backend(requested: str | None, device_type: str, dtype: torch.dtype) -> str:
     return _backends.choose(_NAME, requested, device_type, AUTO_ORDER, lambda b, dev: backend_reason(b, dev, dtype))
 

@@ -420,9 +420,9 @@ def _progress_bar(total: int, progress: Progress) -> Callable[[int | None], None
         return advance
     if not progress:
         return lambda count: None
-    from tqdm.auto import tqdm
+    from grasp._console import progress as progress_bar
 
-    bar = tqdm(total=total, unit="query", desc="top-k neighbours", smoothing=0.1)
+    bar = progress_bar(total, "top-k neighbours", "query")
     return lambda count: bar.close() if count is None else bar.update(count)
 
 

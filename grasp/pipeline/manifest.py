@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from grasp._io import sha256_file, write_json
 from grasp.data.core import DataError
@@ -33,6 +32,8 @@ def stage_key(name: str, config: dict[str, Any], inputs: dict[str, str]) -> str:
 
 
 def _versions() -> dict[str, str]:
+    import torch  # only for its version: `grasp --help` imports this module and must not import torch
+
     from grasp import __version__
 
     return {"grasp": __version__, "python": platform.python_version(), "torch": torch.__version__,

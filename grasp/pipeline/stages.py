@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
+from contextlib import closing, nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from grasp._console import say
 from grasp._io import save_npy, sha256_file, write_json, write_text
 from grasp.data.core import DataError, RawDataset
 from grasp.data.preprocess import Dataset, preprocess, statistics, statistics_table
@@ -40,7 +42,7 @@ class StageError(RuntimeError):
 
 
 def _log(message: str) -> None:
-    print(f"[grasp] {message}", flush=True)
+    say(f"[grasp] {message}")
 
 
 def raw_hash(raw: RawDataset) -> str:
@@ -155,8 +157,9 @@ def generate(
             stage key, since they do not change what is asked.
         allow_failures: keep going when some requests still fail after their retries, describing those
             rows by their prompt; by default the stage stops with an error, and a rerun retries only
-            them (finished requests are cached in ``RUN_DIR/cache``).
+            them (finished requests are in the shared cache, see :func:`grasp.cache.generation_cache`).
     """
+    from grasp.cache import generation_cache
     from grasp.generation import PromptTemplates, item_prompts, make_generator, user_prompts
 
     run_dir = Path(run_dir)
@@ -170,12 +173,13 @@ def generate(
         inputs["templates"] = sha256_file(templates)
 
     def body() -> tuple[list[Path], dict[str, Any]]:
+        if generator != "openai":
+            return describe(make_generator(generator))
+        with closing(generation_cache(run_dir / "cache" / "generation.jsonl")) as cache:
+            return describe(make_generator(generator, **(options or {}), model=model, base_url=base_url, cache=cache))
+
+    def describe(engine: Any) -> tuple[list[Path], dict[str, Any]]:
         dataset = load_dataset(run_dir / "data")
-        kwargs = {}
-        if generator == "openai":
-            kwargs = {**(options or {}), "model": model, "base_url": base_url,
-                      "cache": run_dir / "cache" / "generation.jsonl"}  # fmt: skip
-        engine = make_generator(generator, **kwargs)
         outputs, extra = [], {}
         for side, prompts in (("items", item_prompts(dataset, template_set)),
                               ("users", user_prompts(dataset, template_set, max_titles=max_titles))):  # fmt: skip
@@ -231,7 +235,11 @@ def embed(
         model: the embedding model; None uses the encoder's default.
         options: batch_size and device (sentence-transformers); batch_size, concurrency, timeout and
             max_retries (openai). Not part of the stage key. Options the encoder does not take are ignored.
+
+    Texts that any run embedded before with the same encoder, model and server come from the shared cache
+    (:mod:`grasp.cache`); only the others reach the encoder.
     """
+    from grasp.cache import CachedEncoder, encoder_namespace, open_shared_cache
     from grasp.embedding import make_encoder
 
     run_dir = Path(run_dir)
@@ -243,21 +251,38 @@ def embed(
         kwargs = {k: v for k, v in (options or {}).items() if k in _ENCODER_OPTIONS[encoder] and v is not None}
         if model is not None:
             kwargs["model"] = model
+        shared = open_shared_cache()
         if encoder == "openai":
-            kwargs.update(base_url=base_url, cache=run_dir / "cache" / "embeddings.jsonl")
+            kwargs["base_url"] = base_url
+            if shared is None:  # GRASP_CACHE=off: the run's own cache lets a failed run resume, as before
+                kwargs["cache"] = run_dir / "cache" / "embeddings.jsonl"
         engine = make_encoder(encoder, **kwargs)
         outputs, extra = [], {"encoder": encoder, "model": getattr(engine, "name", model)}
-        for side, file in (("items", "item.npy"), ("users", "user.npy")):
-            texts = load_texts(run_dir, side)
-            vectors = np.asarray(engine.encode(texts[1:], progress=progress), dtype=np.float32)
-            table = np.concatenate([np.zeros((1, vectors.shape[1]), np.float32), vectors])
-            path = run_dir / "embeddings" / file
-            check_embeddings(table, len(texts), path)
-            outputs.append(save_npy(path, table))
-            text_hash = hashlib.sha256("\x1e".join(texts).encode("utf-8")).hexdigest()
-            extra[side] = {"rows": len(texts), "texts_sha256": text_hash}
-            extra["dimension"] = int(table.shape[1])
+        if shared is not None:
+            # With no base_url, the openai client takes OPENAI_BASE_URL when it is set.
+            server = (base_url or os.environ.get("OPENAI_BASE_URL")) if encoder == "openai" else None
+            # A chunk of texts stored at once keeps every concurrent request of the openai encoder busy.
+            chunk = max(512, kwargs.get("batch_size", 1) * kwargs.get("concurrency", 1))
+            engine = CachedEncoder(engine, shared, encoder_namespace(engine, server), chunk_size=chunk)
+        with shared or nullcontext():
+            for side, file in (("items", "item.npy"), ("users", "user.npy")):
+                outputs.append(embed_side(engine, side, file, extra))
         return outputs, extra
+
+    def embed_side(engine: Any, side: str, file: str, extra: dict[str, Any]) -> Path:
+        texts = load_texts(run_dir, side)
+        vectors = np.asarray(engine.encode(texts[1:], progress=progress), dtype=np.float32)
+        table = np.concatenate([np.zeros((1, vectors.shape[1]), np.float32), vectors])
+        path = run_dir / "embeddings" / file
+        check_embeddings(table, len(texts), path)
+        text_hash = hashlib.sha256("\x1e".join(texts).encode("utf-8")).hexdigest()
+        extra[side] = {"rows": len(texts), "texts_sha256": text_hash}
+        extra["dimension"] = int(table.shape[1])
+        if isinstance(engine, CachedEncoder):
+            cached, embedded = int(engine.stats["cached"]), int(engine.stats["embedded"])
+            extra[side]["cache"] = {"cached": cached, "embedded": embedded}
+            log(f"embed: {side}: {cached:,} texts from the shared cache, {embedded:,} embedded")
+        return save_npy(path, table)
 
     _run(manifest, "embed", config, inputs, force, log, body)
 
@@ -279,6 +304,8 @@ def retrieve(
     Runs :func:`grasp.ops.topk_neighbor_mean` on ``U[1:]`` and ``I[1:]`` and writes the means (row 0
     zeros) and the 1-based neighbour ids next to the embeddings. Returns the loaded :class:`Tables`.
     """
+    import torch  # only here: `grasp --help` imports this module and must not import torch
+
     from grasp.ops import topk_neighbor_mean
 
     run_dir = Path(run_dir)

@@ -5,39 +5,28 @@ torchrun); :func:`evaluate_run` re-evaluates a finished run; :mod:`grasp.trainin
 and compares runs.
 """
 
-from grasp.training.config import TrainConfig, add_train_arguments
-from grasp.training.evaluate import compute_ranks, evaluate_split, load_or_create_eval_negatives, sample_eval_negatives
-from grasp.training.metrics import GROUPS, KS, group_metrics, ranking_metrics
-from grasp.training.report import (
-    add_report_arguments,
-    aggregate,
-    compare_runs,
-    load_run,
-    report_main,
-    write_report,
-    write_summary,
-)
-from grasp.training.trainer import build_recommender, evaluate_run, train
+from grasp import _lazy
 
-__all__ = [
-    "TrainConfig",
-    "add_train_arguments",
-    "train",
-    "evaluate_run",
-    "build_recommender",
-    "compute_ranks",
-    "evaluate_split",
-    "load_or_create_eval_negatives",
-    "sample_eval_negatives",
-    "ranking_metrics",
-    "group_metrics",
-    "GROUPS",
-    "KS",
-    "write_report",
-    "aggregate",
-    "write_summary",
-    "load_run",
-    "compare_runs",
-    "add_report_arguments",
-    "report_main",
-]
+#: Imported on first use: the trainer imports torch; the command line needs only the config and the report.
+_EXPORTS = {
+    "grasp.training.config": ("TrainConfig", "add_train_arguments"),
+    "grasp.training.trainer": ("train", "evaluate_run", "build_recommender"),
+    "grasp.training.evaluate": (
+        "compute_ranks",
+        "evaluate_split",
+        "load_or_create_eval_negatives",
+        "sample_eval_negatives",
+    ),
+    "grasp.training.metrics": ("ranking_metrics", "group_metrics", "GROUPS", "KS"),
+    "grasp.training.report": (
+        "write_report",
+        "aggregate",
+        "write_summary",
+        "load_run",
+        "compare_runs",
+        "add_report_arguments",
+        "report_main",
+    ),
+}
+__all__ = [name for names in _EXPORTS.values() for name in names]
+__getattr__, __dir__ = _lazy.lazy_exports(__name__, _EXPORTS)

@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save
 
 from grasp._io import write_bytes
 
-__all__ = ["save_weights", "load_weights", "save_training_state", "load_training_state", "CheckpointError"]
+__all__ = ["save_weights", "load_weights", "saved_epoch", "save_training_state", "load_training_state",
+           "CheckpointError"]  # fmt: skip
 
 
 class CheckpointError(ValueError):
@@ -65,6 +66,15 @@ def save_training_state(path: str | Path, state: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     write_bytes(path, buffer.getvalue())
+
+
+def saved_epoch(weights_path: str | Path) -> int | None:
+    """The epoch recorded in a weights file's metadata (None when the file or the record is missing or unreadable)."""
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            return int((f.metadata() or {})["epoch"])
+    except Exception:  # a missing or unreadable file (safetensors raises its own error types), no epoch record
+        return None
 
 
 def load_training_state(path: str | Path, weights_path: str | Path) -> dict[str, Any]:

@@ -12,21 +12,13 @@ which also refuses ablations that do not go together. :meth:`TrainConfig.to_dict
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any, get_type_hints
 
-from grasp.models.build import (
-    ACTIVATIONS,
-    BACKBONES,
-    DEFAULT_BRANCHES,
-    DEFAULT_ID_INIT,
-    ID_INITS,
-    MODELS,
-    build_model,
-    check_model_options,
-)
+from grasp.models.options import ACTIVATIONS, BACKBONES, DEFAULT_BRANCHES, DEFAULT_ID_INIT, ID_INITS, MODELS
 
 __all__ = [
     "TrainConfig",
@@ -114,16 +106,16 @@ class TrainConfig:
     """Everything that defines a training run (docs/design.md section 6 gives the defaults).
 
     Each field's meaning is its help text (``grasp train --help``). ``id_init`` None becomes
-    :data:`grasp.models.build.DEFAULT_ID_INIT` for GRASP; ``eval_negatives`` and ``bert_negatives`` also
+    :data:`grasp.models.options.DEFAULT_ID_INIT` for GRASP; ``eval_negatives`` and ``bert_negatives`` also
     take their command-line text (``"all"``, ``"auto"``, ``"full"`` or a number).
     """
 
     backbone: str = _option("sasrec", "sequential backbone (default: %(default)s)", group="model",
                             choices=BACKBONES)  # fmt: skip
     model: str = _option(
-        "id",
-        "id: plain backbone; grasp: LLM tables + holistic attention; llminit: ID embeddings initialised from the "
-        "LLM item embeddings; llmesr: LLM-ESR (default: %(default)s)",
+        "grasp",
+        "grasp: LLM tables + holistic attention; id: the plain backbone; llminit: ID embeddings initialised from "
+        "the LLM item embeddings; llmesr: LLM-ESR (default: %(default)s)",
         group="model",
         choices=MODELS,
     )
@@ -240,6 +232,8 @@ class TrainConfig:
             if check and not check[0](value):
                 raise ValueError(f"{self.flag(spec.name)} must be {check[1]}, got {value!r}")
         self._check_applicable()
+        from grasp.models.build import check_model_options  # imports torch: not needed to build the flags
+
         check_model_options(name=self.flag, **self.model_options())
         if self.amp and self.device == "cpu":
             raise ValueError("--amp autocasts on CUDA only; drop --amp or use --device cuda/auto")
@@ -261,7 +255,7 @@ class TrainConfig:
 
     def model_options(self) -> dict[str, Any]:
         """The fields that are :func:`grasp.models.build_model` arguments, by name (backbone and model included)."""
-        return {name: getattr(self, name) for name in _MODEL_OPTIONS}
+        return {name: getattr(self, name) for name in _model_options()}
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (tuples become lists)."""
@@ -292,7 +286,15 @@ class TrainConfig:
 
 
 _FIELDS: dict[str, Field] = {spec.name: spec for spec in fields(TrainConfig)}
-_MODEL_OPTIONS = tuple(name for name in inspect.signature(build_model).parameters if name in _FIELDS)
+
+
+@functools.cache
+def _model_options() -> tuple[str, ...]:
+    """The fields that are :func:`grasp.models.build_model` arguments (read from its signature on first use:
+    grasp.models.build imports torch)."""
+    from grasp.models.build import build_model
+
+    return tuple(name for name in inspect.signature(build_model).parameters if name in _FIELDS)
 
 
 def _flags(spec: Field) -> tuple[str, ...]:

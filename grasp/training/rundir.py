@@ -8,6 +8,7 @@ config and the dataset fingerprint). A later run in either directory must match 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,11 @@ from typing import Any
 from grasp.data.core import DataError
 from grasp.pipeline.manifest import Manifest
 
-__all__ = ["read_record", "check_same_setup"]
+__all__ = ["read_record", "check_same_setup", "refuse_overwrite", "clear_training_outputs", "table_hashes"]
+
+#: What training writes into a seed's directory; ``--force`` removes it before starting over.
+TRAINING_OUTPUTS = ("checkpoints", "metrics.json", "report.md", "epochs.csv", "eval_negatives.npz", "tensorboard",
+                    "evaluations")  # fmt: skip
 
 
 def read_record(path: Path, keys: Sequence[str]) -> dict[str, Any] | None:
@@ -79,3 +84,34 @@ def table_hashes(pipeline_dir: Path) -> dict[str, str]:
     trained on (``train.json``'s ``tables``)."""
     manifest = Manifest(pipeline_dir)
     return dict(sorted({**manifest.output_hashes("embed"), **manifest.output_hashes("retrieve")}.items()))
+
+
+def refuse_overwrite(run_dir: Path, *, resume: bool, force: bool) -> None:
+    """Refuse to start a fresh training run over the checkpoints of an earlier one in ``run_dir``.
+
+    Repeating a command must never silently throw away hours of training: without ``resume`` (continue
+    it) or ``force`` (start over), a directory holding ``checkpoints/last.pt`` is refused.
+
+    Raises:
+        ValueError: naming the directory, how far the earlier run got, ``--resume`` and ``--force``.
+    """
+    if resume or force or not (run_dir / "checkpoints" / "last.pt").is_file():
+        return
+    from grasp.training.checkpoint import saved_epoch
+
+    epoch = saved_epoch(run_dir / "checkpoints" / "last.safetensors")
+    state = "a finished run" if (run_dir / "metrics.json").is_file() else f"a run interrupted after epoch {epoch}"
+    raise ValueError(
+        f"{run_dir} already holds {state}; add --resume to continue it (a finished one is only re-evaluated) "
+        "or --force to delete it and start over"
+    )
+
+
+def clear_training_outputs(run_dir: Path) -> None:
+    """Delete what an earlier training run wrote into ``run_dir`` (checkpoints, metrics, logs of epochs)."""
+    for name in TRAINING_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)

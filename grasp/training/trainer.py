@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from grasp._console import progress, say
 from grasp._io import write_json, write_text
 from grasp.data import Dataset
 from grasp.training.batches import TrainBatches
@@ -46,9 +47,9 @@ from grasp.training.checkpoint import (
 from grasp.training.config import TrainConfig
 from grasp.training.evaluate import dataset_fingerprint, evaluate_split, load_or_create_eval_negatives
 from grasp.training.metrics import GROUPS
-from grasp.training.rundir import check_same_setup, read_record
+from grasp.training.rundir import check_same_setup, clear_training_outputs, read_record, refuse_overwrite
 
-__all__ = ["train", "evaluate_run", "build_recommender", "ModelFactory"]
+__all__ = ["train", "evaluate_run", "evaluation_name", "build_recommender", "check_device", "ModelFactory"]
 
 #: Builds the model of a run: ``(config, dataset, tables) -> Recommender``.
 ModelFactory = Callable[[TrainConfig, Dataset, Any], nn.Module]
@@ -100,10 +101,15 @@ def join_process_group(device: str) -> bool:
     return True
 
 
+def check_device(device: str) -> None:
+    """Raise ``ValueError`` when ``device`` (``--device``) names a device this machine lacks."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available here (use --device cpu or auto)")
+
+
 def _setup(config: TrainConfig) -> _Env:
     """Resolve the device, join / create the process group under torchrun, pick the autocast dtype."""
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available here (use --device cpu or auto)")
+    check_device(config.device)
     use_cuda = _uses_cuda(config.device)
     owns_group = join_process_group(config.device)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -118,7 +124,7 @@ def _setup(config: TrainConfig) -> _Env:
         if use_cuda:
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         elif rank == 0:
-            print("note: --amp ignored: there is no CUDA device, training in float32 on the CPU")
+            say("note: --amp ignored: there is no CUDA device, training in float32 on the CPU")
     return _Env(rank, world_size, device, dtype, owns_group)
 
 
@@ -248,8 +254,11 @@ def train(
         config: the run's settings (validated here).
         resume: continue from ``checkpoints/last.*`` when present (a fresh start otherwise); the result
             equals an uninterrupted run's. A finished run just re-evaluates. ``config.epochs`` may grow.
-        progress: show progress bars and a line per epoch (rank 0).
-        force: use ``run_dir`` even if it was made with a different config or dataset.
+            Without ``resume`` or ``force``, a ``run_dir`` holding checkpoints is refused (``ValueError``).
+        progress: show a progress bar per epoch (rank 0; plain lines when stderr is not a terminal). The
+            line per epoch is printed either way (:func:`grasp._console.say`, also into open log files).
+        force: use ``run_dir`` even if it was made with a different config or dataset, deleting the
+            outputs of an earlier run there before starting over (unless ``resume``).
         model_factory: builds the model (default :func:`build_recommender`).
 
     Returns:
@@ -304,11 +313,17 @@ class _Trainer:
 
     def _prepare_dir(self, resume: bool, force: bool) -> None:
         _check_run_dir(self.run_dir, self.config, self.data_info, force)
+        refuse_overwrite(self.run_dir, resume=resume, force=force)
         last = self.ckpt / "last.pt"
         if resume and last.is_file():
             self._load_last()
-        elif resume and self.env.main:
-            print(f"note: {last} not found, starting {self.run_dir} from scratch")
+            if self.env.main:
+                say(f"{self.run_dir}: resuming after epoch {self.state['epoch']}")
+        else:
+            if self.env.main:
+                if resume:
+                    say(f"note: {last} not found, starting {self.run_dir} from scratch")
+                clear_training_outputs(self.run_dir)  # a fresh start keeps nothing of an earlier (forced) run
         if self.env.main:
             self.ckpt.mkdir(parents=True, exist_ok=True)
             write_json(self.run_dir / "config.json", {"config": self.config.to_dict(), "dataset": self.data_info})
@@ -330,7 +345,7 @@ class _Trainer:
         self.batches.load_state_dict(saved["batches"])
         rngs = saved["rng"]
         if len(rngs) != self.env.world_size and self.env.main:
-            print(f"note: checkpoint from {len(rngs)} process(es), resuming with {self.env.world_size}: "
+            say(f"note: checkpoint from {len(rngs)} process(es), resuming with {self.env.world_size}: "
                   "dropout randomness will differ from an uninterrupted run")  # fmt: skip
         _set_rng_state(rngs[self.env.rank % len(rngs)])
         self.state = saved["trainer"]
@@ -363,15 +378,13 @@ class _Trainer:
         return _broadcast(self.env, metrics)
 
     def _epoch(self, show: bool) -> None:
-        from tqdm.auto import tqdm
-
         env, config = self.env, self.config
         epoch = self.state["epoch"] + 1
         self.model.train()
         start = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
         steps = samples = 0
-        bar = tqdm(total=len(self.batches), desc=f"epoch {epoch}", unit="batch", leave=False, disable=not show)
+        bar = progress(len(self.batches), f"epoch {epoch}", "batch", enabled=show, leave=False)
         for users, seqs, negatives in self.batches.epoch(env.rank, env.world_size):
             u, s, n = (torch.from_numpy(a).to(env.device, non_blocking=True) for a in (users, seqs, negatives))
             self.optimizer.zero_grad(set_to_none=True)
@@ -427,12 +440,14 @@ class _Trainer:
                 self.writer.add_scalar("train/samples_per_s", st["history"][-1]["samples_per_s"], epoch)
                 for k in ("NDCG@10", "HR@10"):
                     self.writer.add_scalar(f"valid/{k}", valid[k], epoch)
-        if show:
-            tqdm.write(
+        if env.main:
+            say(
                 f"epoch {epoch}: loss {mean_loss:.4f}  valid NDCG@10 {valid['NDCG@10']:.2f} HR@10 {valid['HR@10']:.2f}"
                 f"  (best {st['best']:.2f} at epoch {st['best_epoch']})  {seconds:.1f}s"
-                + ("  early stop" if st["stopped"] else "")
             )
+            if st["stopped"]:
+                best = st["best_epoch"]
+                say(f"early stop: no validation NDCG@10 gain for {config.patience} epochs; best epoch {best}")
 
     def _finish(self) -> dict[str, Any]:
         from grasp.training.report import write_report
@@ -477,8 +492,12 @@ def evaluate_run(
     batch_size: int | None = None,
     model_factory: ModelFactory | None = None,
     print_table: bool = True,
+    save: bool = True,
 ) -> dict[str, Any]:
     """Re-evaluate a run's ``checkpoints/{checkpoint}.safetensors`` on test (and validation); print the table.
+
+    The result is also written to ``run_dir/evaluations/<checkpoint>-<protocol>.json`` and ``.md``, where
+    the protocol is ``full`` (ranking every item) or ``sampled<N>-seed<S>`` (:func:`evaluation_name`).
 
     Args:
         run_dir: a directory written by :func:`train` (needs ``config.json`` and the checkpoint).
@@ -491,9 +510,11 @@ def evaluate_run(
         batch_size: evaluation batch size (default: the run's).
         model_factory: builds the model (default :func:`build_recommender`).
         print_table: print the markdown report.
+        save: write the result into ``run_dir/evaluations``.
 
     Returns:
-        ``{"test", "valid", "group_sizes", "thresholds", "checkpoint", "epoch", "eval_negatives"}``.
+        ``{"config", "dataset", "test", "valid", "group_sizes", "thresholds", "checkpoint", "epoch",
+        "eval_negatives"}`` (the config's ``eval_negatives`` is the one evaluated with).
     """
     from grasp.training.evaluate import sample_eval_negatives
     from grasp.training.report import metrics_tables
@@ -529,6 +550,8 @@ def evaluate_run(
     test, test_sizes = evaluate_split(model, dataset, "test", **kwargs)
     valid, valid_sizes = evaluate_split(model, dataset, "valid", **kwargs)
     result = {
+        "config": {**config.to_dict(), "eval_negatives": count},
+        "dataset": info,
         "test": test,
         "valid": valid,
         "group_sizes": {"test": test_sizes, "valid": valid_sizes},
@@ -537,6 +560,16 @@ def evaluate_run(
         "epoch": int(meta.get("epoch", 0)),
         "eval_negatives": count,
     }
+    if save:
+        name = evaluation_name(checkpoint, count, config.eval_seed)
+        write_json(run_dir / "evaluations" / f"{name}.json", result)
+        write_text(run_dir / "evaluations" / f"{name}.md", metrics_tables(result))
     if print_table:
-        print(metrics_tables({**result, "config": config.to_dict(), "dataset": info}))
+        say(metrics_tables(result))
     return result
+
+
+def evaluation_name(checkpoint: str, eval_negatives: int | str, eval_seed: int) -> str:
+    """The file name (without suffix) of an evaluation: ``best-full`` or ``best-sampled100-seed2025``."""
+    protocol = "full" if eval_negatives == "all" else f"sampled{eval_negatives}-seed{eval_seed}"
+    return f"{checkpoint}-{protocol}"
