@@ -17,9 +17,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +109,22 @@ class NamespaceInfo:
     bytes: int
 
 
+def _when_unlocked(statement: Callable[[], T]) -> T:
+    """Run ``statement``, retrying while another process holds the lock it needs (up to ``_BUSY_SECONDS``).
+
+    SQLite's busy timeout covers transactions but not switching a new file to WAL mode, which fails at once
+    with "database is locked" while a concurrent process is setting up the same file.
+    """
+    deadline = time.monotonic() + _BUSY_SECONDS
+    while True:
+        try:
+            return statement()
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+        time.sleep(random.uniform(0.005, 0.05))
+
+
 class SharedCache:
     """Values keyed by ``(kind, label, text)`` in a SQLite file, safe for threads and concurrent processes.
 
@@ -134,9 +152,9 @@ class SharedCache:
             connection = sqlite3.connect(self.path, timeout=_BUSY_SECONDS, isolation_level=None,
                                          check_same_thread=False)  # fmt: skip
             try:
-                connection.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+                _when_unlocked(lambda: connection.execute("PRAGMA journal_mode=WAL"))  # readers never block writers
                 connection.execute("PRAGMA synchronous=NORMAL")  # a crash of the process loses no commit
-                connection.executescript(_SCHEMA)
+                _when_unlocked(lambda: connection.executescript(_SCHEMA))
             except BaseException:
                 connection.close()
                 raise

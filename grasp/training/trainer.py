@@ -22,7 +22,9 @@ from __future__ import annotations
 import csv
 import io
 import os
+import pickle
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,12 +131,37 @@ def _setup(config: TrainConfig) -> _Env:
 
 
 def _broadcast(env: _Env, obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
+    """Rank 0's ``obj`` (picklable) on every rank."""
     if env.world_size == 1:
         return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    payload = pickle.dumps(obj) if env.main else b""
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=env.device)
+    _broadcast_tensor(size)
+    if env.main:
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(env.device, copy=True)
+    else:
+        data = torch.empty(int(size.item()), dtype=torch.uint8, device=env.device)
+    _broadcast_tensor(data)
+    return obj if env.main else pickle.loads(data.cpu().numpy().tobytes())
+
+
+def _broadcast_tensor(tensor: torch.Tensor) -> None:
+    """``dist.broadcast`` from rank 0, returning only once no gloo worker thread holds ``tensor``.
+
+    A gloo worker releases a finished collective's tensors after waking the caller, and that release takes
+    the GIL. If it comes after the interpreter has begun to shut down (the last collective of a script),
+    the worker thread is killed inside a destructor and the process aborts ("terminate called without an
+    active exception"). The process group lives on until exit (DDP keeps it referenced), so its threads
+    cannot be joined earlier; instead this waits until the tensor's C++ use count and Python reference
+    count are back to what they were before the collective.
+    """
+    refs = sys.getrefcount(tensor)
+    dist.broadcast(tensor, src=0)
+    if tensor.device.type != "cpu":
+        return
+    deadline = time.monotonic() + 10.0
+    while (tensor._use_count() > 1 or sys.getrefcount(tensor) > refs) and time.monotonic() < deadline:
+        time.sleep(0.0005)
 
 
 def _rng_state() -> dict[str, Any]:
