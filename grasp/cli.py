@@ -128,11 +128,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from grasp.data.core import DataError
     from grasp.data.download import DownloadError
     from grasp.embedding.encoders import EmbeddingError
+    from grasp.llm.client import ServerError
     from grasp.pipeline.stages import StageError
     from grasp.training.checkpoint import CheckpointError
 
-    return (DataError, DownloadError, StageError, EmbeddingError, CheckpointError, ValueError, FileNotFoundError,
-            ImportError, FloatingPointError)  # fmt: skip
+    return (DataError, DownloadError, StageError, EmbeddingError, CheckpointError, ServerError, ValueError,
+            FileNotFoundError, ImportError, FloatingPointError)  # fmt: skip
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

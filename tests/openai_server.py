@@ -3,11 +3,15 @@
 It answers ``POST /v1/chat/completions`` and ``POST /v1/embeddings`` in the OpenAI wire format with
 deterministic content (:func:`fake_reply`, :func:`fake_embedding`) and ``GET /stats`` with its counters.
 Faults are scripted per request number (``faults_by_number[n]``, 1-based over all POSTs) or per prompt
-(``faults_by_prompt[prompt]``: a list consumed one fault per request containing that prompt / input):
+(``faults_by_prompt[prompt]``: a list consumed one fault per request containing that prompt / input), or
+for every request (``fault_all``):
 
     "429"            HTTP 429 with ``retry-after-ms`` (``retry_after`` seconds)
-    "500"            HTTP 500
+    "500"            HTTP 500 with ``retry-after-ms`` (so that retries are quick)
     "400"            HTTP 400 (not retryable), its message echoing the Authorization header
+    "401"            HTTP 401 "Invalid API key" (stops a run)
+    "404"            HTTP 404 "The model ... does not exist" (stops a run)
+    "per_token"      one vector per token for each input (embeddings of a server without pooling)
     "slow"           the normal answer after ``slow_seconds`` (past a short client timeout)
     "malformed"      HTTP 200 with a body that is not valid JSON
     "empty_choices"  no choices (chat) / no data (embeddings)
@@ -67,6 +71,8 @@ class FakeOpenAIServer:
         self.dim, self.slow_seconds, self.retry_after, self.delay = dim, slow_seconds, retry_after, 0.0
         self.faults_by_prompt: dict[str, list[str]] = {}
         self.faults_by_number: dict[int, str] = {}
+        self.fault_all: str | None = None
+        self.bodies: list[dict] = []
         self.counts: Counter[str] = Counter()
         self.headers: list[dict[str, str]] = []
         self.batch_sizes: list[int] = []
@@ -109,7 +115,7 @@ class FakeOpenAIServer:
             self.requests += 1
             self.headers.append(headers)
             self.counts.update(prompts)
-            fault = self.faults_by_number.pop(self.requests, None)
+            fault = self.faults_by_number.pop(self.requests, None) or self.fault_all
             for prompt in prompts:
                 if fault is None and self.faults_by_prompt.get(prompt):
                     fault = self.faults_by_prompt[prompt].pop(0)
@@ -129,16 +135,22 @@ class FakeOpenAIServer:
             return 404, {}, json.dumps({"error": {"message": f"no route {path}"}}).encode()
         fault = self._record(headers, prompts)
         with self.lock:
+            self.bodies.append(body)
+        with self.lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         time.sleep(self.delay + (self.slow_seconds if fault == "slow" else 0.0))
         with self.lock:
             self.in_flight -= 1
-        if fault in ("429", "500", "400"):
-            extra = {"retry-after-ms": str(int(self.retry_after * 1000))} if fault == "429" else {}
+        if fault in ("429", "500", "400", "401", "404"):
+            extra = {"retry-after-ms": str(int(self.retry_after * 1000))} if fault in ("429", "500") else {}
             message = f"injected {fault}"
             if fault == "400":  # like OpenAI's "Incorrect API key provided: ...", it echoes the credentials
                 message += f"; you sent {headers.get('authorization', '')}"
+            if fault == "401":
+                message = "Invalid API key"
+            if fault == "404":
+                message = f"The model `{body.get('model')}` does not exist"
             return int(fault), extra, json.dumps({"error": {"message": message, "type": "fake"}}).encode()
         if fault == "malformed":
             return 200, {}, b'{"choices": [ {"index": 0, "mess'
@@ -156,6 +168,8 @@ class FakeOpenAIServer:
             vectors = [fake_embedding(t, self.dim) for t in prompts]
             if fault in ("empty_content", "nan"):
                 vectors = [[] if fault == "empty_content" else [math.nan] * self.dim for _ in prompts]
+            if fault == "per_token":
+                vectors = [[fake_embedding(word, self.dim) for word in t.split()] for t in prompts]
             data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
             words = sum(len(t.split()) for t in prompts)
             reply = {"object": "list", "model": body["model"], "data": [] if fault == "empty_choices" else data,

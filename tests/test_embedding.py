@@ -110,11 +110,11 @@ def test_openai_batched_cached(server, key, tmp_path):
     assert server.requests == math.ceil(21 / 4)  # all cached: no request
 
 
-def test_openai_char_budget(server, key):
+def test_openai_token_budget(server, key):
     rng = _rng()
-    texts = _texts(rng, 9)  # about 33 characters each
-    long = "long " * 30
-    vectors = _encoder(server, None, batch_size=8, max_batch_chars=70).encode([*texts, long], progress=False)
+    texts = _texts(rng, 9)  # 30 characters each: an estimated 8 tokens, so two fit into 20 and three do not
+    long = "long " * 30  # 38 estimated tokens
+    vectors = _encoder(server, None, batch_size=8, max_batch_tokens=20).encode([*texts, long], progress=False)
     np.testing.assert_allclose(vectors, _expected([*texts, long]), rtol=1e-6)
     # The long text goes alone (its own request); requests run concurrently, so they arrive in any order.
     assert max(server.batch_sizes) == 2 and [long] in server.batches and sum(server.batch_sizes) == 10
@@ -170,7 +170,7 @@ def test_openai_encoder_arguments(monkeypatch, server):
     assert make_encoder("openai", base_url=server.base_url).dimension == 1536  # local: no key needed
     assert make_encoder("openai", base_url=server.base_url, dimensions=256).dimension == 256
     for bad, match in [({"batch_size": 0}, "batch_size"), ({"batch_size": 2049}, "batch_size"),
-                       ({"max_batch_chars": 0}, "max_batch_chars"), ({"concurrency": 0}, "concurrency"),
+                       ({"max_batch_tokens": 0}, "max_batch_tokens"), ({"concurrency": 0}, "concurrency"),
                        ({"timeout": 0}, "timeout"), ({"max_retries": -1}, "max_retries")]:  # fmt: skip
         with pytest.raises(ValueError, match=match):
             OpenAIEmbeddingEncoder(base_url=server.base_url, **bad)

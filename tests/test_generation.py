@@ -419,7 +419,7 @@ def test_killed_run_resumes_without_repeats(server, key, tmp_path):
         child.wait()
     assert child.returncode == -signal.SIGKILL
     server.delay = 0.0
-    finished = {entry["value"] for entry in _lines(cache)}
+    finished = {json.loads(entry["value"])["answer"] for entry in _lines(cache)}
     done_before = [p for p in prompts if fake_reply(p) in finished]
     assert 6 <= len(done_before) < len(prompts)
     result = _generator(server, cache, timeout=5).generate(prompts, progress=False)

@@ -54,6 +54,9 @@ def test_train_grasp_seeds_summary_evaluate_and_report(tmp_path, capsys, hash_en
         runs.append(run)
     out = capsys.readouterr().out
     assert out.count("retrieve: running") == 1  # the second model reuses the shared tables
+    # where the descriptions came from, for the report's labels
+    texts = json.loads((tmp_path / "grasp" / "train.json").read_text())["texts"]
+    assert texts == {"generator": "template", "model": None, "hallucination_rate": 0.0}
     summary = json.loads((tmp_path / "grasp" / "metrics.json").read_text())
     assert summary["seeds"] == [1, 2] and set(summary["test"]["overall"]["NDCG@10"]) == {"mean", "std"}
     per_seed = [json.loads((tmp_path / "grasp" / f"seed{s}" / "metrics.json").read_text()) for s in (1, 2)]
@@ -128,7 +131,9 @@ def test_seeds_added_later_join_the_summary(tmp_path, capsys):
     assert main(["train", "--out", str(run), *DATA, *FAST, "--seeds", "1"]) == 0
     assert main(["train", "--out", str(run), *DATA, *FAST, "--seeds", "2"]) == 0
     summary = json.loads((run / "metrics.json").read_text())
-    assert summary["seeds"] == [1, 2] and json.loads((run / "train.json").read_text())["seeds"] == [1, 2]
+    record = json.loads((run / "train.json").read_text())
+    assert summary["seeds"] == [1, 2] and record["seeds"] == [1, 2]
+    assert record["texts"] is None  # the id model: no descriptions
 
 
 def test_changed_tables_need_force(tmp_path, capsys, hash_encoder):

@@ -5,8 +5,8 @@
   installed; any local model folder, or a model already in the Hugging Face cache, works too. Nothing is
   downloaded (``local_files_only``).
 * :class:`OpenAIEmbeddingEncoder` calls an OpenAI-compatible embeddings endpoint in batches (at most 2048
-  inputs and ``max_batch_chars`` characters per request), with the retries, failure records and resumable
-  cache of :mod:`grasp.llm`.
+  inputs and about ``max_batch_tokens`` tokens per request, so that a slow server answers each request
+  within the timeout), with the retries, failure records and resumable cache of :mod:`grasp.llm`.
 
 Both return one float32 row per text; blank texts (the padding row) get a zero row and cost nothing.
 A result with NaN / inf values or the wrong number of rows raises :class:`EmbeddingError`.
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from grasp.llm import MalformedResponse, OpenAIRunner, ResponseCache, string_list
+from grasp.llm import FatalResponse, MalformedResponse, OpenAIRunner, RequestStats, ResponseCache, string_list
 
 __all__ = [
     "SentenceTransformerEncoder",
@@ -151,8 +151,11 @@ class OpenAIEmbeddingEncoder:
         model: the embedding model name.
         base_url: the API root; OpenAI's by default.
         batch_size: inputs per request, 1..2048.
-        max_batch_chars: a request holds at most this many characters in total (a rough token budget; a
-            longer single text goes alone). Texts over the model's own input limit fail with its reason.
+        max_batch_tokens: a request holds about this many tokens in total (estimated as characters / 4; a
+            longer single text goes alone). A server's time per request grows with its tokens: keep this
+            small enough for a slow server to answer one request within ``timeout`` (the default suits a
+            CPU llama.cpp server; hosted APIs take far more). Texts over the model's input limit fail with
+            its reason.
         dimensions: the ``dimensions`` request parameter (text-embedding-3 models), None to leave it out.
         concurrency, timeout, max_retries, backoff_base, backoff_max, api_key_env: see
             :class:`~grasp.llm.OpenAIRunner`.
@@ -161,6 +164,7 @@ class OpenAIEmbeddingEncoder:
 
     Attributes:
         stats: the counters of the last :meth:`encode` (texts, cached, requests, retries, failures, tokens, seconds).
+        totals: the request counters of every :meth:`encode` so far (kept when one is interrupted).
     """
 
     def __init__(
@@ -169,7 +173,7 @@ class OpenAIEmbeddingEncoder:
         *,
         base_url: str | None = None,
         batch_size: int = 256,
-        max_batch_chars: int = 200_000,
+        max_batch_tokens: int = 4096,
         dimensions: int | None = None,
         concurrency: int = 4,
         timeout: float = 60.0,
@@ -183,14 +187,14 @@ class OpenAIEmbeddingEncoder:
             raise ValueError(f"model must be a non-empty string, got {model!r}")
         if not 1 <= batch_size <= MAX_INPUTS_PER_REQUEST:
             raise ValueError(f"batch_size must be in 1..{MAX_INPUTS_PER_REQUEST}, got {batch_size}")
-        if max_batch_chars < 1:
-            raise ValueError(f"max_batch_chars must be >= 1, got {max_batch_chars}")
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         if dimensions is not None and dimensions < 1:
             raise ValueError(f"dimensions must be >= 1 or None, got {dimensions}")
         self.model = model
         self.name = f"openai:{model}"
         self.batch_size = batch_size
-        self.max_batch_chars = max_batch_chars
+        self.max_batch_tokens = max_batch_tokens
         self.dimensions = dimensions
         self.cache = ResponseCache(cache) if isinstance(cache, (str, Path)) else cache
         self._runner: OpenAIRunner[list[str], np.ndarray] = OpenAIRunner(
@@ -205,6 +209,7 @@ class OpenAIEmbeddingEncoder:
         self._variant = json.dumps({"model": model, "dimensions": dimensions, "base_url": server}, sort_keys=True)
         self._dimension = dimensions or _OPENAI_DIMENSIONS.get(model)
         self.stats: dict[str, float] = {}
+        self.totals = RequestStats()
 
     def __repr__(self) -> str:
         return f"OpenAIEmbeddingEncoder(model={self.model!r}, runner={self._runner!r}, cache={self.cache!r})"
@@ -216,13 +221,14 @@ class OpenAIEmbeddingEncoder:
 
     def _batches(self, texts: list[str]) -> list[list[str]]:
         batches: list[list[str]] = []
-        chars = 0
+        tokens = 0
         for text in texts:
-            if not batches or len(batches[-1]) >= self.batch_size or chars + len(text) > self.max_batch_chars:
+            estimate = len(text) // 4 + 1
+            if not batches or len(batches[-1]) >= self.batch_size or tokens + estimate > self.max_batch_tokens:
                 batches.append([])
-                chars = 0
+                tokens = 0
             batches[-1].append(text)
-            chars += len(text)
+            tokens += estimate
         return batches
 
     def _request(self, client: Any, batch: list[str]) -> Any:
@@ -233,6 +239,12 @@ class OpenAIEmbeddingEncoder:
         data = getattr(response, "data", None)
         if not data or len(data) != len(batch):
             raise MalformedResponse(f"expected {len(batch)} embeddings, got {len(data or [])}")
+        first = getattr(data[0], "embedding", None)
+        if isinstance(first, list) and first and isinstance(first[0], list):
+            raise FatalResponse(
+                "the server returned one embedding per token instead of one per text: turn pooling on (llama.cpp: "
+                "--pooling mean, or in llama-cpp-python's server --kv_overrides llama.pooling_type=int:1)"
+            )
         data = sorted(data, key=lambda entry: getattr(entry, "index", 0))
         if [getattr(entry, "index", None) for entry in data] != list(range(len(batch))):
             raise MalformedResponse("embedding indices are not 0..n-1")
@@ -270,10 +282,14 @@ class OpenAIEmbeddingEncoder:
                 self.cache.put_many("embedding", self._variant, zip(batch, batch_vectors, strict=True))
             vectors.update(zip(batch, batch_vectors, strict=True))
 
-        failed, counters = self._runner.run(
-            batches, self._request, self._parse, store, weights=[len(b) for b in batches], initial=cached_count,
-            desc=f"embed ({self.model})", unit="text", progress=progress,
-        )  # fmt: skip
+        counters = RequestStats()
+        try:
+            failed, _ = self._runner.run(
+                batches, self._request, self._parse, store, weights=[len(b) for b in batches], initial=cached_count,
+                desc=f"embed ({self.model})", unit="text", progress=progress, stats=counters,
+            )  # fmt: skip
+        finally:
+            self.totals.add(counters)
         reasons = {text: reason for index, reason in failed.items() for text in batches[index]}
         failures = {index: reasons[text] for index, text in enumerate(texts) if text in reasons}
         self.stats = {"texts": len(texts), "cached": cached_count, **counters.as_dict(), "failures": len(failures),

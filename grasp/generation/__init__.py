@@ -2,7 +2,8 @@
 
 ``item_prompts`` / ``user_prompts`` build one prompt per item / user from a :class:`~grasp.data.Dataset`;
 a generator from :func:`make_generator` (``"template"`` offline, ``"openai"`` for any OpenAI-compatible
-endpoint) turns them into descriptions. The ``openai`` package is imported only when an OpenAI endpoint is used.
+endpoint) turns them into descriptions; :mod:`grasp.generation.quality` measures echoed prompts and invented
+years in them. The ``openai`` package is imported only when an OpenAI endpoint is used.
 """
 
 from grasp.generation.generators import (
@@ -20,6 +21,7 @@ from grasp.generation.prompts import (
     item_prompts,
     user_prompts,
 )
+from grasp.generation.quality import echo_rate, invented_year_rate, latest_year
 from grasp.llm import MalformedResponse, OpenAIRunner, RequestStats, ResponseCache, cache_key
 
 __all__ = [
@@ -39,4 +41,7 @@ __all__ = [
     "OpenAIRunner",
     "RequestStats",
     "MalformedResponse",
+    "echo_rate",
+    "invented_year_rate",
+    "latest_year",
 ]

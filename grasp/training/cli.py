@@ -30,7 +30,7 @@ from grasp.pipeline.stages import StageError
 from grasp.pipeline.tables import Tables
 from grasp.training.config import TrainConfig, add_train_arguments
 from grasp.training.report import write_report, write_summary
-from grasp.training.rundir import check_same_setup, read_record, refuse_overwrite, table_hashes
+from grasp.training.rundir import check_same_setup, read_record, refuse_overwrite, table_hashes, texts_source
 
 __all__ = ["add_train_command_arguments", "train_main", "add_evaluate_arguments", "evaluate_main"]
 
@@ -196,6 +196,7 @@ def _train_seeds(
     try:
         dataset, tables = _stages_on_rank0(args, config, pipeline_dir, main_rank)
         record["tables"] = table_hashes(pipeline_dir) if tables is not None else None
+        record["texts"] = texts_source(pipeline_dir)  # what the report names the run by
         _check_run(run_dir, record, args.force)  # again, now that the tables are known
         all_seeds = seeds
         if main_rank:

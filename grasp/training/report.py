@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -52,6 +53,7 @@ __all__ = [
     "group_runs",
     "compare_runs",
     "comparison_figure",
+    "robustness_figure",
     "add_report_arguments",
     "report_main",
 ]
@@ -217,6 +219,9 @@ _MODEL_SPECIFIC = frozenset(spec.name for spec in fields(TrainConfig) if spec.me
 def load_run(run_dir: str | Path) -> dict[str, Any]:
     """A run's metrics: its ``metrics.json``, or the aggregate of its ``seed*/metrics.json`` subdirectories.
 
+    When the run's pipeline directory is known (``train.json``), ``"texts"`` says where its descriptions
+    came from: ``{"generator", "model", "hallucination_rate"}`` of the generate stage.
+
     Raises:
         FileNotFoundError: neither exists (names the directory).
     """
@@ -224,13 +229,50 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     path = run_dir / "metrics.json"
     if path.is_file():
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            metrics = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    seeds = sorted(run_dir.glob("seed*/metrics.json"))
-    if not seeds:
-        raise FileNotFoundError(f"{run_dir}: no metrics.json and no seed*/metrics.json (has the run finished?)")
-    return aggregate([json.loads(p.read_text(encoding="utf-8")) for p in seeds])
+    else:
+        seeds = sorted(run_dir.glob("seed*/metrics.json"))
+        if not seeds:
+            raise FileNotFoundError(f"{run_dir}: no metrics.json and no seed*/metrics.json (has the run finished?)")
+        metrics = aggregate([json.loads(p.read_text(encoding="utf-8")) for p in seeds])
+    texts = _texts_source(run_dir)
+    return {**metrics, "texts": texts} if texts is not None else metrics
+
+
+def _texts_source(run_dir: Path) -> dict[str, Any] | None:
+    """The source of a run's descriptions: recorded in ``train.json`` when it was trained, else read from its
+    pipeline directory's manifest (runs of older versions); None if unknown."""
+    from grasp.training.rundir import texts_source
+
+    for path in (run_dir / "train.json", run_dir.parent / "train.json"):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(record, dict):
+            continue
+        if isinstance(record.get("texts"), dict):
+            return record["texts"]
+        if isinstance(record.get("pipeline_dir"), str):
+            return texts_source(Path(record["pipeline_dir"]))
+    return None
+
+
+def _texts_phrases(texts: Sequence[dict[str, Any] | None]) -> list[list[str]]:
+    """How labels name the runs' texts: the hallucination rate when any run has one, the text source when it
+    differs between runs."""
+    known = [t or {} for t in texts]
+    rates = [float(t.get("hallucination_rate") or 0.0) for t in known]
+    sources = [str(t.get("model") or t.get("generator") or "?") for t in known]
+    phrases: list[list[str]] = [[] for _ in known]
+    for words, rate, source in zip(phrases, rates, sources, strict=True):
+        if len(set(sources)) > 1:
+            words.append(f"{source} text" if source != "template" else "template text")
+        if any(rates):
+            words.append(f"hallucination {rate:g}")
+    return phrases
 
 
 def _phrase(name: str, value: Any) -> str:
@@ -263,7 +305,9 @@ def _non_default(config: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def run_labels(configs: Sequence[dict[str, Any]], names: Sequence[str]) -> list[str]:
+def run_labels(
+    configs: Sequence[dict[str, Any]], names: Sequence[str], texts: Sequence[dict[str, Any] | None] | None = None
+) -> list[str]:
     """How a comparison names its runs: backbone + model + the settings that differ from the defaults.
 
     ``SASRec`` (the id model), ``SASRec + LLMInit``, ``SASRec + GRASP (softmax, branches self+similar)``. A
@@ -275,16 +319,20 @@ def run_labels(configs: Sequence[dict[str, Any]], names: Sequence[str]) -> list[
     Args:
         configs: the runs' ``config`` from ``metrics.json`` (one seed's, or a multi-seed summary's).
         names: the runs' names (directory names), one per config.
+        texts: the runs' ``"texts"`` (see :func:`load_run`): the hallucination rate is named when a run has
+            one, the text source (template or the LLM) when it differs between runs.
     """
     settings = [_non_default(config) for config in configs]
+    text_words = _texts_phrases(texts if texts is not None else [None] * len(configs))
     varying = {name for name in set().union(*settings) if len({s.get(name) for s in settings}) > 1}
     labels = []
-    for config, own in zip(configs, settings, strict=True):
+    for config, own, words in zip(configs, settings, text_words, strict=True):
         backbone, model = str(config.get("backbone", "?")), str(config.get("model", "?"))
         label = _BACKBONE_NAMES.get(backbone, backbone)
         if model != "id":
             label += " + " + _MODEL_NAMES.get(model, model)
         options = [phrase for name, phrase in own.items() if name in _MODEL_SPECIFIC or name in varying]
+        options += words if model != "id" else []  # the id model reads no text
         labels.append(f"{label} ({', '.join(options)})" if options else label)
     counts = Counter(labels)
     labels = [f"{label} [{name}]" if counts[label] > 1 else label for label, name in zip(labels, names, strict=True)]
@@ -369,7 +417,7 @@ def group_runs(run_dirs: Sequence[str | Path]) -> list[RunGroup]:
             dataset += f" (data {fingerprint[:8]})"
         names = tuple(name for name, _ in runs)
         configs = [metrics.get("config", {}) for _, metrics in runs]
-        labels = tuple(run_labels(configs, names))
+        labels = tuple(run_labels(configs, names, [metrics.get("texts") for _, metrics in runs]))
         metrics = tuple(metrics for _, metrics in runs)
         groups.append(RunGroup(dataset, protocol, tuple(shared_settings(configs)), names, labels, metrics))
     return groups
@@ -423,10 +471,12 @@ def compare_runs(run_dirs: Sequence[str | Path], out: Path | None = None, plot: 
     Args:
         run_dirs: run directories (see :func:`load_run`).
         out: also write the markdown there (atomically).
-        plot: also write :func:`comparison_figure` there (PNG).
+        plot: also write :func:`comparison_figure` there (PNG), or :func:`robustness_figure` when the runs
+            were trained on texts with different hallucination rates.
     """
     groups = group_runs(run_dirs)
-    png = None if plot is None else _png(comparison_figure(groups))  # fails before any file is written
+    figure = robustness_figure if any(len(set(_rates(g))) > 1 for g in groups) else comparison_figure
+    png = None if plot is None else _png(figure(groups))  # fails before any file is written
     parts = ([_split_note(groups), ""] if len(groups) > 1 else []) + [_section(g) for g in groups]
     text = "\n".join(parts)
     if out is not None:
@@ -487,6 +537,48 @@ def comparison_figure(groups: Sequence[RunGroup]) -> Figure:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     fig.suptitle("Test NDCG@10 overall and for head / tail users and items"
                  + (" (error bars: std over seeds)" if with_std else ""))  # fmt: skip
+    return fig
+
+
+def _rates(group: RunGroup) -> list[float]:
+    return [float((m.get("texts") or {}).get("hallucination_rate") or 0.0) for m in group.metrics]
+
+
+def robustness_figure(groups: Sequence[RunGroup]) -> Figure:
+    """Test NDCG@10 against the hallucination rate of the texts: one row per group (dataset and protocol),
+    panels overall / tail users / tail items, one line per model (runs that differ only in the rate).
+
+    Multi-seed runs get the standard deviation over seeds as error bars. Needs matplotlib.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install 'grasp[plot]'") from None
+    panels = ("overall", "tail_user", "tail_item")
+    fig = Figure(figsize=(4.2 * len(panels) + 2.6, 0.6 + 3.4 * len(groups)), layout="constrained")
+    axes = fig.subplots(len(groups), len(panels), squeeze=False)
+    for row, group in zip(axes, groups, strict=True):
+        rates = _rates(group)
+        # A run's line is its label without the rate (the rate is the x axis).
+        models = [re.sub(r" \(\)$", "", re.sub(r",? ?hallucination [^,)]+", "", label).replace("(, ", "("))
+                  for label in group.labels]  # fmt: skip
+        lines: dict[str, list[tuple[float, dict[str, Any]]]] = {}
+        for model, rate, metrics in zip(models, rates, group.metrics, strict=True):
+            lines.setdefault(model, []).append((rate, metrics))
+        for ax, panel in zip(row, panels, strict=True):
+            for model, points in lines.items():
+                points.sort(key=lambda point: point[0])
+                values = [_ndcg10(m, panel) for _, m in points]
+                means = [np.nan if v is None else v["mean"] if isinstance(v, dict) else v for v in values]
+                stds = [v["std"] if isinstance(v, dict) and m.get("runs", 1) > 1 else 0.0
+                        for v, (_, m) in zip(values, points, strict=True)]  # fmt: skip
+                ax.errorbar([r for r, _ in points], means, yerr=stds, marker="o", capsize=3, label=model)
+            ax.set_xlabel("hallucination rate of the texts")
+            ax.set_ylabel("test NDCG@10 (%)")
+            ax.set_title(f"{group.dataset}: {_GROUP_NAMES[panel]}", fontsize="medium")
+            ax.set_xticks(sorted(set(rates)))
+        row[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
+    fig.suptitle("Robustness to hallucinated descriptions: test NDCG@10 against the share of swapped texts")
     return fig
 
 

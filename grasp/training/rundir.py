@@ -16,7 +16,8 @@ from typing import Any
 from grasp.data.core import DataError
 from grasp.pipeline.manifest import Manifest
 
-__all__ = ["read_record", "check_same_setup", "refuse_overwrite", "clear_training_outputs", "table_hashes"]
+__all__ = ["read_record", "check_same_setup", "refuse_overwrite", "clear_training_outputs", "table_hashes",
+           "texts_source"]  # fmt: skip
 
 #: What training writes into a seed's directory; ``--force`` removes it before starting over.
 TRAINING_OUTPUTS = ("checkpoints", "metrics.json", "report.md", "epochs.csv", "eval_negatives.npz", "tensorboard",
@@ -84,6 +85,20 @@ def table_hashes(pipeline_dir: Path) -> dict[str, str]:
     trained on (``train.json``'s ``tables``)."""
     manifest = Manifest(pipeline_dir)
     return dict(sorted({**manifest.output_hashes("embed"), **manifest.output_hashes("retrieve")}.items()))
+
+
+def texts_source(pipeline_dir: Path) -> dict[str, Any] | None:
+    """Where a pipeline's descriptions came from: ``{"generator", "model", "hallucination_rate"}`` of its
+    generate stage (None when it has not run or its manifest cannot be read)."""
+    try:
+        entry = Manifest(pipeline_dir).stage("generate")
+        config = entry["config"] if entry is not None else None
+        rate = float((config.get("hallucination") or {}).get("rate", 0.0)) if config is not None else 0.0
+    except (DataError, OSError, KeyError, TypeError, AttributeError, ValueError):
+        return None
+    if config is None:
+        return None
+    return {"generator": config.get("generator"), "model": config.get("model"), "hallucination_rate": rate}
 
 
 def refuse_overwrite(run_dir: Path, *, resume: bool, force: bool) -> None:
