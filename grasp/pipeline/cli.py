@@ -42,10 +42,11 @@ _DEFAULTS: dict[tuple[str, str], Any] = {
     ("embed", "embedding_base_url"): None,
     ("retrieve", "k"): 10,
 }
-#: Options recorded under another name in the manifest's stage config.
+#: Options recorded under another name in the manifest's stage config (a tuple: a key inside a table).
 _RECORDED_AS = {"llm_model": "model", "embedding_model": "model", "embedding_base_url": "base_url",
                 "llm_temperature": "temperature", "llm_max_tokens": "max_tokens", "llm_model_path": "model_path",
-                "llm_context": "context"}
+                "llm_context": "context", "hallucination_rate": ("hallucination", "rate"),
+                "hallucination_seed": ("hallucination", "seed")}
 
 
 def add_stage_arguments(parser: argparse.ArgumentParser, until: str) -> None:
@@ -113,20 +114,11 @@ def _value(args: argparse.Namespace, manifest: Manifest, stage: str, dest: str) 
     if given is not None:
         return given
     entry = manifest.stage(stage)
-    recorded = _RECORDED_AS.get(dest, dest)
-    if entry is not None and entry["config"].get(recorded) is not None:
-        return entry["config"][recorded]
-    return _DEFAULTS[(stage, dest)]
-
-
-def _hallucination(args: argparse.Namespace, manifest: Manifest, what: str) -> Any:
-    """``--hallucination-rate`` / ``-seed``, else what the run directory recorded, else the default."""
-    given = getattr(args, f"hallucination_{what}", None)
-    if given is not None:
-        return given
-    entry = manifest.stage("generate")
-    recorded = (entry["config"].get("hallucination") or {}) if entry is not None else {}
-    return recorded.get(what, _DEFAULTS[("generate", f"hallucination_{what}")])
+    recorded: Any = entry["config"] if entry is not None else None
+    path = _RECORDED_AS.get(dest, dest)
+    for key in (path,) if isinstance(path, str) else path:
+        recorded = recorded.get(key) if isinstance(recorded, dict) else None
+    return recorded if recorded is not None else _DEFAULTS[(stage, dest)]
 
 
 def run_stages(
@@ -167,8 +159,8 @@ def run_stages(
         max_tokens=_value(args, manifest, "generate", "llm_max_tokens"),
         local={"model_path": _value(args, manifest, "generate", "llm_model_path"), "threads": args.llm_threads,
                "context": _value(args, manifest, "generate", "llm_context")},
-        hallucination_rate=_hallucination(args, manifest, "rate"),
-        hallucination_seed=_hallucination(args, manifest, "seed"),
+        hallucination_rate=_value(args, manifest, "generate", "hallucination_rate"),
+        hallucination_seed=_value(args, manifest, "generate", "hallucination_seed"),
         options={"concurrency": args.concurrency, "timeout": args.request_timeout, "max_retries": args.max_retries},
         allow_failures=args.allow_failures,
         force=force and forced == "generate",

@@ -241,6 +241,7 @@ def generate(
         from grasp.llm import ServerError
 
         dataset = load_dataset(run_dir / "data")
+        latest = latest_year(dataset.item_attributes) if uses_llm else None
         outputs, extra = [], {}
         sides = (("items", item_prompts(dataset, template_set, task=uses_llm)),
                  ("users", user_prompts(dataset, template_set, max_titles=max_titles)))  # fmt: skip
@@ -263,7 +264,6 @@ def generate(
             if uses_llm:  # the LLM's own text, before any swap: echoes of the prompt without the instruction
                 plain = item_prompts(dataset, template_set) if side == "items" else prompts
                 extra[side]["echo_rate"] = round(echo_rate(plain, texts), 4)
-                latest = latest_year(dataset.item_attributes)
                 if latest is not None:
                     extra[side]["invented_year_rate"] = round(invented_year_rate(texts, latest), 4)
                     extra[side]["latest_year_in_data"] = latest
