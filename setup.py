@@ -9,7 +9,9 @@ Install with ``pip install --no-build-isolation -e .`` against an installed torc
 * ``GRASP_NO_EXTENSION=1`` skips the extension; without a C++ compiler it is
   skipped too. The package then runs on its reference and Triton backends.
 
-The source list is ``csrc/sources.txt``, shared with ``CMakeLists.txt``.
+The source list is ``csrc/sources.txt``, shared with ``CMakeLists.txt``. A wheel also carries the kernels' device
+code (``csrc/cuda/*.cuh``, as ``grasp/_cuda_src``), which the NVRTC path of the ``cuda`` backend compiles at first
+use where the extension has no CUDA kernels (``grasp/ops/_cuda_jit.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -99,7 +102,19 @@ def _extensions() -> tuple[list, dict]:
     return [ext], {"build_ext": BuildExtension}
 
 
+class BuildPyWithKernelHeaders(build_py):
+    """build_py that also copies the CUDA device headers into the package (grasp/_cuda_src)."""
+
+    def run(self) -> None:
+        super().run()
+        target = Path(self.build_lib) / "grasp" / "_cuda_src"
+        target.mkdir(parents=True, exist_ok=True)
+        for header in sorted((ROOT / "csrc" / "cuda").glob("*.cuh")):
+            shutil.copyfile(header, target / header.name)
+
+
 ext_modules, cmdclass = _extensions()
+cmdclass = {**cmdclass, "build_py": BuildPyWithKernelHeaders}
 setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -12,7 +12,9 @@ the suite goes on; the exit status is non-zero if any step failed):
 1. versions: Python, torch and its CUDA, triton, cupy, faiss, nvcc, nvidia-smi;
 2. build: the CUDA extension for the GPU's own architecture only (sm_90 on H100/H200), compiled in parallel;
 3. ceilings: device-to-device copy bandwidth and the bf16 / tf32 / fp32 matmul rates, measured here;
-4. tests: the CUDA cases of the three ops' tests (every backend and dtype, opcheck, torch.compile);
+4. tests: the CUDA cases of the three ops' tests (every backend and dtype, opcheck, torch.compile); then
+   ``cuda_jit_check.py``: the NVRTC path of the cuda backend against the compiled one (bitwise, every dtype)
+   and its first-use compile and cached load times;
 5. benchmarks at the GPU sizes: holistic_attention (B=2048, L=200, d=64), the projected op on a training
    batch, topk_neighbor_mean (n = 1M, D = 1536, k = 10, 65,536 queries, each precision, against faiss-gpu
    when present), and training
@@ -74,7 +76,8 @@ def gpu_steps(arch: str, jobs: int) -> list[Step]:
              {"GRASP_FORCE_CUDA": "1", "TORCH_CUDA_ARCH_LIST": arch, "MAX_JOBS": str(jobs)}),
         Step("ceilings", [*bench, str(BENCH / "gpu_suite.py"), "--ceilings"], 20),
         Step("tests", [PY, "-m", "pytest", "-q", "--maxfail=20", "-k", "cuda", "-p", "no:cacheprovider",
-                       *(["-n", "8"] if _has_module("xdist") else []), *OP_TESTS], 120),
+                       *(["-n", "8"] if _has_module("xdist") else []), *OP_TESTS], 90),
+        Step("nvrtc", [*bench, str(BENCH / "cuda_jit_check.py")], 90),
         Step("holistic_attention", [*bench, str(BENCH / "benchmark_holistic_attention.py"), "--device", "cuda",
                                     "--shape", "2048,200,64", "--dtype", "bfloat16", "--dtype", "float32",
                                     "--min-time", "0.3"], 25),
@@ -84,7 +87,7 @@ def gpu_steps(arch: str, jobs: int) -> list[Step]:
               "--min-time", "0.3"], 25),
         Step("topk_neighbor_mean", [*bench, str(BENCH / "benchmark_topk_neighbor_mean.py"), "--device", "cuda",
                                     "--shape", "1000000,1536,65536", "--k", "10", "--min-time", "0.3",
-                                    "--skip-reference"], 75),
+                                    "--skip-reference"], 60),
         Step("train", [*bench, str(BENCH / "benchmark_train.py"), "--device", "cuda",
                        "--synthetic", "20000", "5000", "--models", "sasrec:id", "sasrec:grasp",
                        "--batch-size", "256", "--epochs", "3"], 50),

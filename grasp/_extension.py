@@ -36,14 +36,16 @@ def has_op(op: str) -> bool:
     return True
 
 
-def missing_reason(op: str, dispatch_key: str) -> str:
-    """Why ``grasp::op`` has no ``dispatch_key`` kernel (an empty string if it has one)."""
+def missing_reason(op: str, dispatch_key: str, *, registered_elsewhere: bool = False) -> str:
+    """Why ``grasp::op`` has no ``dispatch_key`` kernel of grasp._C (an empty string if it has one).
+    ``registered_elsewhere``: a kernel registered from Python (the NVRTC path) sits where grasp._C's would, so
+    the dispatcher cannot tell whether grasp._C has one; the caller knows it has not."""
     if not LOADED:
         return (
             f"the compiled extension grasp._C is not available ({LOAD_ERROR}); rebuild with "
             "`pip install --no-build-isolation -e .` and a C++ compiler"
         )
-    if has_kernel(op, dispatch_key):
+    if not registered_elsewhere and has_kernel(op, dispatch_key):
         return ""
     if not has_op(op):
         return f"grasp._C has no operator grasp::{op}: it was built from older sources; rebuild it"

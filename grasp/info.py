@@ -61,6 +61,25 @@ def backend_table() -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def cuda_paths() -> Iterator[str]:
+    """Which path runs each op's CUDA kernels: grasp._C's, or the same device code compiled by NVRTC."""
+    from grasp.ops import _cuda_jit
+
+    forced = f" ({_cuda_jit.FORCE_ENV}=1)" if _cuda_jit.forced() else ""
+    yield f"cuda kernels{forced}:"
+    for op in ("holistic_attention", "holistic_attention_projected", "topk_neighbor_mean_search", "score_topk_dot"):
+        kernel = op if op.startswith(("topk", "score")) else f"{op}_forward"
+        path = _cuda_jit.path(kernel)
+        if path == "compiled":
+            status = "grasp._C (nvcc)"
+        elif path == "nvrtc":
+            folder = _cuda_jit._cache_folder()
+            status = f"NVRTC at first use, cached in {folder}" if folder else "NVRTC at first use (not cached)"
+        else:
+            status = "unavailable: " + _cuda_jit.reason(kernel)
+        yield f"  {op.removesuffix('_search').removesuffix('_dot')}: {status}"
+
+
 def report_lines() -> Iterator[str]:
     """The lines printed by ``grasp info``: the versions, then (after importing torch) devices and backends."""
     yield "grasp " + (_version("grasp") or "(not installed)")
@@ -84,10 +103,14 @@ def report_lines() -> Iterator[str]:
             yield f"  cuda:{i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB"
     else:
         yield "  cuda: none visible"
+    from grasp.ops import _cuda_jit
+
     if _extension.LOADED:
-        kernels = [key for key in ("CPU", "CUDA") if _extension.has_kernel("holistic_attention_forward", key)]
-        yield f"\nextension grasp._C: loaded, kernels for {', '.join(kernels)}"
+        kernels = ["CPU"] if _extension.has_kernel("holistic_attention_forward", "CPU") else []
+        kernels += ["CUDA"] if _cuda_jit.has_compiled_kernel("holistic_attention_forward") else []
+        yield f"\nextension grasp._C: loaded, kernels for {', '.join(kernels) or 'nothing'}"
     else:
         yield f"\nextension grasp._C: not loaded ({_extension.LOAD_ERROR})"
+    yield from cuda_paths()
     yield from ["", "| op | backend | device | status |", "|---|---|---|---|"]
     yield from (f"| {op} | {backend} | {dev} | {status} |" for op, backend, dev, status in backend_table())

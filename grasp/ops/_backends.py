@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from grasp import _extension
+from grasp.ops import _cuda_jit
 from grasp.ops._kernel_glue import TRITON_DTYPES
 
 BACKENDS = ("reference", "cpu", "cuda", "triton", "faiss")
@@ -65,9 +66,12 @@ def triton_reason(device_type: str, kernel_module: str) -> str:
 
 
 def extension_reason(backend: str, device_type: str, op: str) -> str:
-    """Why the compiled ``cpu``/``cuda`` kernel of ``grasp::op`` cannot run on ``device_type`` ("" if it can)."""
+    """Why the ``cpu``/``cuda`` kernel of ``grasp::op`` cannot run on ``device_type`` ("" if it can). The ``cuda``
+    backend runs grasp._C's CUDA kernels, or the same kernels compiled by NVRTC (``grasp.ops._cuda_jit``)."""
     if device_type != backend:
         return f"the {backend} backend runs {backend} tensors only"
+    if backend == "cuda":
+        return _cuda_jit.reason(op)
     return _extension.missing_reason(op, backend.upper())
 
 

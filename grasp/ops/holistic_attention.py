@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from grasp import _extension
-from grasp.ops import _backends
+from grasp.ops import _backends, _cuda_jit, _holistic_attention_cuda_jit
 from grasp.ops._holistic_attention_reference import holistic_attention_reference
 from grasp.ops._kernel_glue import FLOAT_DTYPES, register_holistic_attention
 
@@ -189,3 +189,5 @@ def _holistic_attention(
 
 if _extension.has_op("holistic_attention_forward"):
     register_holistic_attention("grasp::holistic_attention_forward", "grasp::holistic_attention_backward")
+    _cuda_jit.register("holistic_attention_forward", _holistic_attention_cuda_jit.forward)
+    _cuda_jit.register("holistic_attention_backward", _holistic_attention_cuda_jit.backward)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from grasp import _extension
-from grasp.ops import _backends
+from grasp.ops import _backends, _cuda_jit, _holistic_attention_projected_cuda_jit
 from grasp.ops._holistic_attention_projected_reference import holistic_attention_projected_reference
 from grasp.ops._kernel_glue import FLOAT_DTYPES, TRITON_DTYPES, register_holistic_attention_projected
 
@@ -215,3 +215,5 @@ if _extension.has_op("holistic_attention_projected_forward"):
     register_holistic_attention_projected(
         "grasp::holistic_attention_projected_forward", "grasp::holistic_attention_projected_backward"
     )
+    _cuda_jit.register("holistic_attention_projected_forward", _holistic_attention_projected_cuda_jit.forward)
+    _cuda_jit.register("holistic_attention_projected_backward", _holistic_attention_projected_cuda_jit.backward)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from grasp import _extension
-from grasp.ops import _backends
+from grasp.ops import _backends, _cuda_jit, _score_topk_cuda_jit
 from grasp.ops._kernel_glue import FLOAT_DTYPES, register_score_topk
 from grasp.ops._score_topk_reference import Gated, score_topk_reference
 
@@ -217,3 +217,5 @@ def score_topk(
 
 if _extension.has_op("score_topk_dot"):
     register_score_topk("grasp::score_topk_dot", "grasp::score_topk_gated")
+    _cuda_jit.register("score_topk_dot", _score_topk_cuda_jit.dot)
+    _cuda_jit.register("score_topk_gated", _score_topk_cuda_jit.gated)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from grasp import _extension
-from grasp.ops import _backends
+from grasp.ops import _backends, _cuda_jit, _topk_neighbor_mean_cuda_jit
 from grasp.ops._kernel_glue import register_topk_neighbor_mean
 from grasp.ops._topk_neighbor_mean_reference import (
     drop_own,
@@ -489,3 +489,5 @@ def topk_neighbor_mean_distributed(
 
 if _extension.has_op("topk_neighbor_mean_search"):
     register_topk_neighbor_mean("grasp::topk_neighbor_mean_search", "grasp::topk_neighbor_mean_gather")
+    _cuda_jit.register("topk_neighbor_mean_search", _topk_neighbor_mean_cuda_jit.search)
+    _cuda_jit.register("topk_neighbor_mean_gather", _topk_neighbor_mean_cuda_jit.gather)
