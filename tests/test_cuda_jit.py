@@ -179,3 +179,19 @@ def test_a_wheel_carries_the_device_headers(tmp_path):
     copied = {p.name: p.read_bytes() for p in (tmp_path / "grasp" / "_cuda_src").glob("*.cuh")}
     assert copied == {p.name: p.read_bytes() for p in (root / "csrc" / "cuda").glob("*.cuh")}
     assert {"device_math.cuh", hae._HEADER, proj._HEADER, knn._HEADER, stk._HEADER} <= set(copied)
+
+
+def test_true_fp32_gemms_keep_torch_tf32_settings_consistent():
+    """The float32 search turns TF32 off around its GEMMs through the matmul-precision API, which keeps torch's
+    legacy and new settings in step (setting only one of them makes torch >= 2.9 refuse the next GEMM), and
+    restores the user's choice."""
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        with knn._no_tf32():
+            assert torch.get_float32_matmul_precision() == "highest"
+            assert torch.backends.cuda.matmul.allow_tf32 is False  # reading the legacy API does not raise
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.set_float32_matmul_precision(saved)

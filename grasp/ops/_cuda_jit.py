@@ -191,7 +191,7 @@ def cached_kernels(header: str, names: Sequence[str], arch: int, prelude: str = 
             cache.mkdir(parents=True, exist_ok=True)
             for path, data in ((image_path, compiled.image),
                                (meta_path, json.dumps({"lowered": compiled.lowered, "ptx": compiled.ptx}).encode())):
-                partial = path.with_suffix(f".{os.getpid()}.partial")
+                partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
                 partial.write_bytes(data)
                 os.replace(partial, path)  # the image first, then the names: a reader never sees half
         except OSError as exc:
@@ -236,7 +236,12 @@ class KernelSet:
             torch.cuda.current_stream(index)  # makes torch's primary context current on this thread
             cupy.cuda.runtime.setDevice(index)
             module = cupy.cuda.function.Module()
-            module.load(compiled.image)
+            try:
+                module.load(compiled.image)
+            except Exception as exc:  # e.g. PTX newer than the driver
+                kind = "PTX" if compiled.ptx else "cubin"
+                raise RuntimeError(f"grasp: the driver could not load the NVRTC {kind} of {name} for "
+                                   f"sm_{10 * major + minor} (NVRTC {nvrtc_version()}): {exc}") from None
             return module.get_function(compiled.lowered[name])  # the Function keeps its module loaded
 
 

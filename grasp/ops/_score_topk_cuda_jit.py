@@ -81,7 +81,7 @@ def _check(op: str, tensors: dict[str, Tensor], exclude: Tensor | None, k: int, 
         c, e = tensors["user"].shape[1], tensors["values"].shape[2]
         shapes.update(user=(B, c), user_sim=(B, c), item=(M, c), item_sim=(M, c), values=(M, 3, e), bias=(e,),
                       out_query=(B, e))
-        if c < 1 or e > (2**31 - 1) // 3:
+        if not 1 <= c <= 2**31 - 1 or e > (2**31 - 1) // 3:
             raise RuntimeError(f"{where}: c = {c} or e = {e} is out of range")
     for name, shape in shapes.items():
         t = tensors[name]
@@ -91,6 +91,8 @@ def _check(op: str, tensors: dict[str, Tensor], exclude: Tensor | None, k: int, 
     if exclude is not None and (exclude.device != q.device or exclude.dtype != torch.int64 or exclude.dim() != 2
                                 or exclude.shape[0] != B or not exclude.is_contiguous()):
         raise RuntimeError(f"{where}: exclude must be a contiguous int64 [B, X] tensor with B = {B} on {q.device}")
+    if exclude is not None and exclude.shape[1] > 2**31 - 1:
+        raise RuntimeError(f"{where}: exclude has too many columns: {exclude.shape[1]}")
     if not 1 <= k <= M:
         raise RuntimeError(f"{where}: k must be in [1, M] = [1, {M}], got {k}")
     if B > 2**31 - 1 or M >= _NO_INDEX - _ITEMS or d > 2**31 - 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import threading
 
 import torch
 from torch import Tensor
@@ -69,8 +70,8 @@ def _check_search(queries: Tensor, db: Tensor, k: int, query_start: int, exclude
                            f"{tuple(db.shape)}")
     if not queries.is_contiguous() or not db.is_contiguous():
         raise RuntimeError(f"{where}: queries and db must be contiguous")
-    if query_start < 0:
-        raise RuntimeError(f"{where}: query_start must be >= 0, got {query_start}")
+    if not 0 <= query_start <= 2**63 - 1 - queries.shape[0]:
+        raise RuntimeError(f"{where}: query_start must be in [0, 2^63 - 1 - q], got {query_start}")
     n = db.shape[0]
     available = n - (1 if exclude_self and query_start < n else 0)
     if not 1 <= k <= available:
@@ -89,26 +90,31 @@ def _fp32_gemm_honours_tf32_switch() -> bool:
         return False
 
 
+_PRECISION_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _no_tf32():
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
-        saved, matmul.fp32_precision = matmul.fp32_precision, "ieee"
+    """True fp32 GEMMs inside (the .cu's at::NoTF32Guard). torch's switch is process-wide, so calls hold a lock;
+    the matmul-precision API keeps torch's legacy and new TF32 settings consistent (setting one of them alone
+    makes torch >= 2.9 refuse the next GEMM when the user set the other)."""
+    with _PRECISION_LOCK:
+        saved = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
         try:
             yield
         finally:
-            matmul.fp32_precision = saved
-    else:
-        saved, matmul.allow_tf32 = matmul.allow_tf32, False
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = saved
+            torch.set_float32_matmul_precision(saved)
+
+
+#: torch.mm(..., out_dtype=float32) of float16 / bfloat16 operands exists since torch 2.8.
+_HAVE_MM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)
 
 
 def _gemm_mode(dtype: torch.dtype) -> str:
-    if dtype in (torch.float16, torch.bfloat16):
+    if dtype in (torch.float16, torch.bfloat16) and _HAVE_MM_OUT_DTYPE:
         return "low_to_float"
+    # float32, float64 (rounded to float32 first) and 16-bit inputs on torch < 2.8 (widened: exact, slower)
     return "float32" if _fp32_gemm_honours_tf32_switch() else "float64"
 
 
