@@ -9,7 +9,10 @@ For one or more trained ``--model grasp`` seed directories (``grasp train`` outp
 * the gate values of the three branches (self, similar, global) over the same positions: saturated at 0
   means a branch is shut, at 1 that it passes everything ungated;
 * the training loss and the validation NDCG@10 at the best epoch, next to a plain ``id`` run when one is
-  given (``--baseline``): a lower training loss with no validation gain points at over-fitting.
+  given (``--baseline``): a lower training loss with no validation gain points at over-fitting;
+* on texts with controlled hallucination (``grasp generate --hallucination-rate p``), the mean gate of each
+  branch at positions whose item and user descriptions are both right, whose item's is wrong, and whose
+  user's is wrong: gates that tell wrong context apart are lower where it is wrong.
 
     python benchmarks/diagnose_grasp.py runs/ml-100k/sasrec-grasp/seed42 --baseline runs/ml-100k/sasrec-id/seed42
 """
@@ -70,6 +73,9 @@ def diagnose(seed_dir: Path, pipeline_dir: Path) -> dict[str, float]:
         s1 = (i * u.unsqueeze(1)).sum(-1)[real]
         s2 = (i_sim * u_sim.unsqueeze(1)).sum(-1)[real]
         gates = torch.sigmoid(gate_logits(s1, s2, d)).T
+    item_wrong = torch.from_numpy(np.isin(histories.numpy(), swapped(pipeline_dir, "items")))[real]
+    user_wrong = torch.from_numpy(np.isin(users.numpy(), swapped(pipeline_dir, "users")))
+    user_wrong = user_wrong.unsqueeze(1).expand_as(histories)[real]
 
     encoder.enhance = lambda users, items: torch.zeros(*items.shape, d)  # the ID embeddings alone
     try:
@@ -92,7 +98,18 @@ def diagnose(seed_dir: Path, pipeline_dir: Path) -> dict[str, float]:
         result[f"gate {name} <0.1 / >0.9"] = (
             f"{(values < 0.1).float().mean().item():.0%} / {(values > 0.9).float().mean().item():.0%}"  # noqa: E501
         )
+    right = ~item_wrong & ~user_wrong
+    for name, values in zip(("self", "similar", "global"), gates, strict=True):
+        means = [f"{values[m].mean().item():.3f}" if m.any() else "–" for m in (right, item_wrong, user_wrong)]
+        result[f"gate {name}: right / item wrong / user wrong"] = " / ".join(means)
     return result
+
+
+def swapped(pipeline_dir: Path, side: str) -> np.ndarray:
+    """Ids of the items or users whose description ``--hallucination-rate`` swapped (empty without it)."""
+    path = pipeline_dir / "texts" / f"{side}.json"
+    hallucinated = json.loads(path.read_text()).get("hallucinated", {}) if path.exists() else {}
+    return np.array(sorted(int(k) for k in hallucinated), dtype=np.int64)
 
 
 def main() -> None:
