@@ -123,9 +123,7 @@ def test_the_cache_compiles_once(tmp_path, monkeypatch):
 
 
 def test_missing_cupy_names_the_wheel(monkeypatch):
-    from grasp.ops import _backends
-
-    monkeypatch.setattr(_backends, "import_error", lambda module: "the package 'cupy' is not installed")
+    monkeypatch.setattr(_cuda_jit, "_cupy_missing", lambda: "ModuleNotFoundError: No module named 'cupy'")
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     _cuda_jit.unavailable_reason.cache_clear()
     try:

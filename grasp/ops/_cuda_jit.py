@@ -64,9 +64,7 @@ def unavailable_reason() -> str:
     """Why the NVRTC path cannot compile kernels here ("" if it can). It needs no GPU."""
     if header_dir() is None:
         return "the kernel headers (csrc/cuda/*_device.cuh) are not installed with grasp"
-    from grasp.ops._backends import import_error
-
-    missing = import_error("cupy")
+    missing = _cupy_missing()
     torch_major = _cuda_major(torch.version.cuda)
     wheel = f"cupy-cuda{torch_major or 13}x"
     if missing:
@@ -84,6 +82,15 @@ def unavailable_reason() -> str:
     except Exception as exc:  # the NVRTC library is loaded on first use
         return (f"cupy cannot load NVRTC ({type(exc).__name__}: {exc}): pip install nvidia-cuda-nvrtc "
                 f"(nvidia-cuda-nvrtc-cu12 for CUDA 12) or install a CUDA toolkit")
+    return ""
+
+
+def _cupy_missing() -> str:
+    """Why cupy cannot be imported ("" if it can)."""
+    try:
+        import cupy  # noqa: F401
+    except Exception as exc:  # not installed, or a broken install: reported, not raised
+        return f"{type(exc).__name__}: {exc}"
     return ""
 
 
