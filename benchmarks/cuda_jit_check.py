@@ -109,8 +109,9 @@ def _kernel_sets() -> list[tuple[str, object]]:
 def _compile_one(job: tuple[str, str, int, str]) -> float:
     from grasp.ops import _cuda_jit
 
+    header, kernel, arch, prelude = job
     started = time.perf_counter()
-    _cuda_jit.cached_kernels(*job[:1], [job[1]], *job[2:])
+    _cuda_jit.cached_kernels(header, [kernel], arch, prelude)
     return time.perf_counter() - started
 
 

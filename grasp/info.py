@@ -67,8 +67,9 @@ def cuda_paths() -> Iterator[str]:
 
     forced = f" ({_cuda_jit.FORCE_ENV}=1)" if _cuda_jit.forced() else ""
     yield f"cuda kernels{forced}:"
-    for op in ("holistic_attention", "holistic_attention_projected", "topk_neighbor_mean_search", "score_topk_dot"):
-        kernel = op if op.startswith(("topk", "score")) else f"{op}_forward"
+    for op, kernel in (("holistic_attention", "holistic_attention_forward"),
+                       ("holistic_attention_projected", "holistic_attention_projected_forward"),
+                       ("topk_neighbor_mean", "topk_neighbor_mean_search"), ("score_topk", "score_topk_dot")):
         path = _cuda_jit.path(kernel)
         if path == "compiled":
             status = "grasp._C (nvcc)"
@@ -77,7 +78,7 @@ def cuda_paths() -> Iterator[str]:
             status = f"NVRTC at first use, cached in {folder}" if folder else "NVRTC at first use (not cached)"
         else:
             status = "unavailable: " + _cuda_jit.reason(kernel)
-        yield f"  {op.removesuffix('_search').removesuffix('_dot')}: {status}"
+        yield f"  {op}: {status}"
 
 
 def report_lines() -> Iterator[str]:

@@ -60,7 +60,7 @@ def test_launchers_ask_only_for_compiled_instances():
     """The names the launchers build at run time are among those compiled (a typo would fail on the GPU only)."""
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         names = set(hae.kernel_names(dtype))
-        vec = hae._vec(dtype)
+        vec = _cuda_jit.vector_width(dtype)
         for v in (vec, 1):
             for softmax in (False, True):
                 assert hae._forward_name(dtype, v, softmax) in names
@@ -72,7 +72,8 @@ def test_launchers_ask_only_for_compiled_instances():
                     assert hae._backward_name(dtype, v, softmax, ch) in names
                     assert hae._backward_name(dtype, v, softmax, 0) in names
         assert set(proj._names(dtype).values()) <= set(proj.kernel_names(dtype))
-        assert {knn._gather_name(dtype, knn._vec(dtype)), knn._gather_name(dtype, 1)} <= set(knn.KERNELS.names)
+        vec = _cuda_jit.vector_width(dtype)
+        assert {knn._gather_name(dtype, vec), knn._gather_name(dtype, 1)} <= set(knn.KERNELS.names)
     assert {knn._select_name(p) for p in knn._KPADS} <= set(knn.KERNELS.names)
     for dtype, kernel_set in stk.KERNELS.items():
         for k in (1, 32, 33, 200, 256):

@@ -272,6 +272,11 @@ def pointer(t: torch.Tensor | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(None if t is None else t.data_ptr())
 
 
+def vector_width(dtype: torch.dtype) -> int:
+    """Elements of ``dtype`` in one 16-byte access (the kernels' VEC when rows and pointers allow)."""
+    return 16 // dtype.itemsize
+
+
 #: The device code's type name of each dtype, and of its accumulator.
 SCALAR = {torch.float32: "float", torch.float64: "double", torch.float16: "grasp::Half",
           torch.bfloat16: "grasp::BFloat16"}

@@ -14,14 +14,14 @@ import torch
 from torch import Tensor
 
 from grasp.ops import _cuda_jit
-from grasp.ops._cuda_jit import ACC, SCALAR, pointer
+from grasp.ops._cuda_jit import ACC, SCALAR, pointer, vector_width
+from grasp.ops._kernel_glue import FLOAT_DTYPES
 
 _HEADER = "holistic_attention_device.cuh"
 _NS = "grasp::holistic_attention_device"
 _THREADS = 256
 _WARPS = _THREADS // 32
 _MAX_FLAT_BLOCKS = 8192
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 class _Inputs(ctypes.Structure):
@@ -37,10 +37,6 @@ class _Grads(ctypes.Structure):
 
 class _Scales(ctypes.Structure):
     _fields_ = [("inv_sqrt_d", ctypes.c_double), ("inv_sqrt_2d", ctypes.c_double)]
-
-
-def _vec(dtype: torch.dtype) -> int:
-    return 16 // torch.empty((), dtype=dtype).element_size()
 
 
 def _max_user_chunks(vec: int) -> int:
@@ -59,7 +55,7 @@ def _backward_name(dtype: torch.dtype, vec: int, softmax: bool, ch: int) -> str:
 def kernel_names(dtype: torch.dtype) -> list[str]:
     """Every kernel instance the launchers can ask for with ``dtype`` inputs."""
     names = []
-    for vec in (_vec(dtype), 1):
+    for vec in (vector_width(dtype), 1):
         for softmax in (False, True):
             names.append(_forward_name(dtype, vec, softmax))
             for ch in (0, 1, 2, _max_user_chunks(vec)):
@@ -73,7 +69,7 @@ def _prelude(dtype: torch.dtype) -> str:
                                     f"{_NS}::Scales": _Scales})
 
 
-KERNELS = {dtype: _cuda_jit.KernelSet(_HEADER, kernel_names(dtype), _prelude(dtype)) for dtype in _DTYPES}
+KERNELS = {dtype: _cuda_jit.KernelSet(_HEADER, kernel_names(dtype), _prelude(dtype)) for dtype in FLOAT_DTYPES}
 
 
 def _check(name: str, user: Tensor, user_sim: Tensor, item: Tensor, item_sim: Tensor, mask: Tensor | None,
@@ -82,7 +78,7 @@ def _check(name: str, user: Tensor, user_sim: Tensor, item: Tensor, item_sim: Te
     where = f"{name} (CUDA, NVRTC)"
     if not item.is_cuda:
         raise RuntimeError(f"{where}: item must be a CUDA tensor, got device {item.device}")
-    if item.dtype not in _DTYPES:
+    if item.dtype not in FLOAT_DTYPES:
         raise RuntimeError(f"{where}: item must be float32, float64, float16 or bfloat16, got {item.dtype}")
     named = {"user": user, "user_sim": user_sim, "item": item, "item_sim": item_sim}
     if grad_out is not None:
@@ -142,7 +138,7 @@ def forward(user: Tensor, user_sim: Tensor, item: Tensor, item_sim: Tensor, mask
     out = torch.empty((B, L, 4 * d), dtype=item.dtype, device=item.device)
     if out.numel() == 0:
         return out
-    vec = _vec(item.dtype)
+    vec = vector_width(item.dtype)
     if not _can_vectorise(d, vec, [user, user_sim, item, item_sim, out]):
         vec = 1
     team = _team_size(d // vec)
@@ -163,7 +159,7 @@ def backward(grad_out: Tensor, user: Tensor, user_sim: Tensor, item: Tensor, ite
     if B * L == 0 or d == 0:  # nothing flows; a [B, d] user gets an empty sum
         return tuple(torch.zeros_like(t) for t in (user, user_sim, item, item_sim))
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (user, user_sim, item, item_sim)]
-    vec = _vec(item.dtype)
+    vec = vector_width(item.dtype)
     if not _can_vectorise(d, vec, [user, user_sim, item, item_sim, grad_out, *grads]):
         vec = 1
     cols = d // vec

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from grasp.ops import _cuda_jit
 from grasp.ops._cuda_jit import ACC, SCALAR, pointer
+from grasp.ops._kernel_glue import FLOAT_DTYPES
 
 _HEADER = "holistic_attention_projected_device.cuh"
 _NS = "grasp::holistic_attention_projected_device"
@@ -24,7 +25,6 @@ _WARPS = _THREADS // 32
 _MAX_BLOCKS = 8192
 _PAIR_STRIDE, _GATES, _LOGITS = 5, 0, 3
 _TARGET_CHUNKS, _MIN_CHUNK = 4096, 16
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 class _Inputs(ctypes.Structure):
@@ -73,7 +73,7 @@ def _prelude(dtype: torch.dtype) -> str:
     return _cuda_jit.layout_checks(structs)
 
 
-KERNELS = {dtype: _cuda_jit.KernelSet(_HEADER, kernel_names(dtype), _prelude(dtype)) for dtype in _DTYPES}
+KERNELS = {dtype: _cuda_jit.KernelSet(_HEADER, kernel_names(dtype), _prelude(dtype)) for dtype in FLOAT_DTYPES}
 
 
 def _acc(dtype: torch.dtype, x: float) -> ctypes._SimpleCData:
@@ -101,7 +101,7 @@ def _check(user: Tensor, user_sim: Tensor, item: Tensor, item_sim: Tensor, value
         raise RuntimeError(f"{where}: user_index and item_index must be 1-d of one length")
     for t in (user, user_sim, item, item_sim, values):
         if not (t.is_cuda and t.device == item.device and t.is_contiguous() and t.dtype == item.dtype
-                and t.dtype in _DTYPES):
+                and t.dtype in FLOAT_DTYPES):
             raise RuntimeError(f"{where}: inputs must be contiguous float tensors of one dtype on one CUDA device")
     for t in (user_index, item_index):
         if not (t.device == item.device and t.is_contiguous() and t.dtype == torch.int64):

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from grasp.ops import _cuda_jit
-from grasp.ops._cuda_jit import SCALAR, pointer
+from grasp.ops._cuda_jit import SCALAR, pointer, vector_width
 
 _HEADER = "score_topk_device.cuh"
 _NS = "grasp::score_topk_device"
@@ -100,7 +100,7 @@ def _check(op: str, tensors: dict[str, Tensor], exclude: Tensor | None, k: int, 
 
 
 def _vec_rows(t: Tensor, row_len: int) -> bool:
-    return row_len % (16 // t.element_size()) == 0 and t.data_ptr() % 16 == 0
+    return row_len % vector_width(t.dtype) == 0 and t.data_ptr() % 16 == 0
 
 
 def _params(tensors: dict[str, Tensor], exclude_sorted: Tensor | None, gated: bool) -> _Params:

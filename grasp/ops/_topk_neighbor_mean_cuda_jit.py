@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from grasp.ops import _cuda_jit
-from grasp.ops._cuda_jit import ACC, SCALAR, pointer
+from grasp.ops._cuda_jit import ACC, SCALAR, pointer, vector_width
+from grasp.ops._kernel_glue import FLOAT_DTYPES
 
 _HEADER = "topk_neighbor_mean_device.cuh"
 _NS = "grasp::topk_neighbor_mean_device"
@@ -30,12 +31,7 @@ _TILE_ELEMS = 1 << 26
 _CONVERT_ELEMS = 1 << 26
 _FALLBACK_ELEMS = 1 << 24
 _EMPTY_INDEX = 2**63 - 1
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _KPADS = (32, 64, 128, 256)
-
-
-def _vec(dtype: torch.dtype) -> int:
-    return 16 // torch.empty((), dtype=dtype).element_size()
 
 
 def _select_name(kpad: int) -> str:
@@ -49,8 +45,8 @@ def _gather_name(dtype: torch.dtype, vec: int) -> str:
 def kernel_names() -> list[str]:
     """Every kernel instance the launchers can ask for."""
     names = [_select_name(kpad) for kpad in _KPADS]
-    for dtype in _DTYPES:
-        names += [_gather_name(dtype, _vec(dtype)), _gather_name(dtype, 1)]
+    for dtype in FLOAT_DTYPES:
+        names += [_gather_name(dtype, vector_width(dtype)), _gather_name(dtype, 1)]
     return list(dict.fromkeys(names))
 
 
@@ -63,7 +59,7 @@ def _check_search(queries: Tensor, db: Tensor, k: int, query_start: int, exclude
     where = "topk_neighbor_mean_search (CUDA, NVRTC)"
     if not queries.is_cuda or db.device != queries.device:
         raise RuntimeError(f"{where}: queries and db must be on one CUDA device, got {queries.device} and {db.device}")
-    if queries.dtype not in _DTYPES or db.dtype != queries.dtype:
+    if queries.dtype not in FLOAT_DTYPES or db.dtype != queries.dtype:
         raise RuntimeError(f"{where}: queries and db must share a float dtype, got {queries.dtype} and {db.dtype}")
     if queries.dim() != 2 or db.dim() != 2 or db.shape[1] != queries.shape[1]:
         raise RuntimeError(f"{where}: queries must be [q, D] and db [n, D], got {tuple(queries.shape)} and "
@@ -205,7 +201,7 @@ def gather(x: Tensor, indices: Tensor) -> Tensor:
     where = "topk_neighbor_mean_gather (CUDA, NVRTC)"
     if not x.is_cuda or indices.device != x.device:
         raise RuntimeError(f"{where}: x and indices must be on one CUDA device, got {x.device} and {indices.device}")
-    if x.dtype not in _DTYPES or x.dim() != 2:
+    if x.dtype not in FLOAT_DTYPES or x.dim() != 2:
         raise RuntimeError(f"{where}: x must be a float [n, D] tensor, got {x.dtype} {tuple(x.shape)}")
     if indices.dtype != torch.int64 or indices.dim() != 2:
         raise RuntimeError(f"{where}: indices must be int64 [q, k], got {indices.dtype} {tuple(indices.shape)}")
@@ -221,7 +217,7 @@ def gather(x: Tensor, indices: Tensor) -> Tensor:
         lo, hi = (int(v) for v in torch.aminmax(indices))
         if lo < 0 or hi >= n:
             raise RuntimeError(f"{where}: indices must lie in [0, {n}), got values in [{lo}, {hi}]")
-    vec = _vec(x.dtype)
+    vec = vector_width(x.dtype)
     if D % vec != 0 or x.data_ptr() % 16 != 0 or out.data_ptr() % 16 != 0:
         vec = 1
     chunks = D // vec
