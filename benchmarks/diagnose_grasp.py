@@ -12,7 +12,10 @@ For one or more trained ``--model grasp`` seed directories (``grasp train`` outp
   given (``--baseline``): a lower training loss with no validation gain points at over-fitting;
 * on texts with controlled hallucination (``grasp generate --hallucination-rate p``), the mean gate of each
   branch at positions whose item and user descriptions are both right, whose item's is wrong, and whose
-  user's is wrong: gates that tell wrong context apart are lower where it is wrong.
+  user's is wrong: gates that tell wrong context apart are lower where it is wrong; and how well each gate
+  ranks right context above wrong (the AUC: the chance that a position with both descriptions right has the
+  higher gate than one with either wrong; 0.5 is blind), next to the same AUC of the cosine of the frozen
+  LLM user and item vectors (what the descriptions alone tell apart, before any training).
 
     python benchmarks/diagnose_grasp.py runs/ml-100k/sasrec-grasp/seed42 --baseline runs/ml-100k/sasrec-id/seed42
 """
@@ -73,6 +76,9 @@ def diagnose(seed_dir: Path, pipeline_dir: Path) -> dict[str, float]:
         s1 = (i * u.unsqueeze(1)).sum(-1)[real]
         s2 = (i_sim * u_sim.unsqueeze(1)).sum(-1)[real]
         gates = torch.sigmoid(gate_logits(s1, s2, d)).T
+        llm_cosine = torch.cosine_similarity(
+            tables_rows(tables.user, users).unsqueeze(1), tables_rows(tables.item, histories), dim=-1
+        )[real]
     item_wrong = torch.from_numpy(np.isin(histories.numpy(), swapped(pipeline_dir, "items")))[real]
     user_wrong = torch.from_numpy(np.isin(users.numpy(), swapped(pipeline_dir, "users")))
     user_wrong = user_wrong.unsqueeze(1).expand_as(histories)[real]
@@ -102,7 +108,25 @@ def diagnose(seed_dir: Path, pipeline_dir: Path) -> dict[str, float]:
     for name, values in zip(("self", "similar", "global"), gates, strict=True):
         means = [f"{values[m].mean().item():.3f}" if m.any() else "–" for m in (right, item_wrong, user_wrong)]
         result[f"gate {name}: right / item wrong / user wrong"] = " / ".join(means)
+    wrong = item_wrong | user_wrong
+    names = ("LLM cosine", "gate self", "gate similar", "gate global")
+    for name, values in zip(names, (llm_cosine, *gates), strict=True):
+        result[f"AUC right > wrong: {name}"] = auc(values[right], values[wrong]) if wrong.any() else "–"
     return result
+
+
+def tables_rows(table: np.ndarray, ids: torch.Tensor) -> torch.Tensor:
+    """float32 rows ``ids`` (any shape) of a frozen LLM table."""
+    return torch.from_numpy(np.asarray(table, dtype=np.float32))[ids]
+
+
+def auc(higher: torch.Tensor, lower: torch.Tensor) -> float:
+    """P(a > b) + P(a = b) / 2 for a drawn from ``higher`` and b from ``lower`` (Mann-Whitney), in O(n log n)."""
+    lower = lower.double().sort().values
+    higher = higher.double()
+    below = torch.searchsorted(lower, higher, right=False)
+    at_or_below = torch.searchsorted(lower, higher, right=True)
+    return ((below + at_or_below).double() / 2).mean().item() / len(lower)
 
 
 def swapped(pipeline_dir: Path, side: str) -> np.ndarray:

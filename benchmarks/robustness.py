@@ -7,6 +7,9 @@ rate and model for the first seed before the next seed), so a partial benchmark 
 models; running the script again resumes (finished runs are only re-evaluated, interrupted ones continue).
 At the end ``grasp report`` prints the table and draws NDCG@10 against p, one line per model.
 
+A model is a ``grasp train --model`` name, or a name and its own flags as one word (``"grasp --adapter-init
+pca"``: its runs go to ``sasrec-grasp-adapter-init-pca``).
+
 Example (the README's robustness table; every training run alone on one core)::
 
     OMP_NUM_THREADS=1 python benchmarks/robustness.py --root runs/robustness/ml-100k \\
@@ -39,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="the dataset flags of grasp retrieve, as one string")
     parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.25, 0.5], help="hallucination rates")
     parser.add_argument("--hallucination-seed", type=int, default=0, help="which rows are swapped")
-    parser.add_argument("--models", nargs="+", default=["grasp", "llminit", "llmesr"], help="models to train")
+    parser.add_argument("--models", nargs="+", default=["grasp", "llminit", "llmesr"],
+                        help='models to train: a --model name, or one with its flags ("grasp --adapter-init pca")')
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="training seeds")
     parser.add_argument("--train", default="", help="further grasp train flags, as one string (e.g. --max-len 50)")
     parser.add_argument("--plot", type=Path, help="write the chart (PNG) here")
@@ -55,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         for rate in args.rates:
             for model in args.models:
-                run = args.root / f"p{rate:g}" / f"sasrec-{model}"
-                _grasp("train", "--pipeline-dir", str(pipelines[rate]), "--out", str(run), "--model", model,
+                name, *flags = shlex.split(model)
+                run = args.root / f"p{rate:g}" / "-".join(["sasrec", name, *(w.lstrip("-") for w in flags)])
+                _grasp("train", "--pipeline-dir", str(pipelines[rate]), "--out", str(run), "--model", name, *flags,
                        "--seeds", str(seed), "--resume", "--no-progress", *shlex.split(args.train))  # fmt: skip
                 if run not in runs:
                     runs.append(run)

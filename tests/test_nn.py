@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grasp.nn import Dropout, HolisticAttention
+from grasp.nn import Adapter, Dropout, HolisticAttention
 
 
 @pytest.mark.parametrize("per_position", [False, True])
@@ -65,3 +65,16 @@ def test_masked_positions_give_zero_and_branches_size_the_mlp():
 def test_bad_ablation_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         HolisticAttention(8, 8, **kwargs)
+
+
+@pytest.mark.parametrize(("in_dim", "d"), [(7, 3), (5, 16)])
+def test_adapter_init_linear_computes_the_linear_map(in_dim, d):
+    adapter = Adapter(in_dim, d)
+    weight, bias, x = (torch.randn(*shape, dtype=torch.float64) for shape in ((d, in_dim), (d,), (9, in_dim)))
+    adapter.double().init_linear(weight, bias)
+    # gelu(z) - gelu(-z) = z in exact arithmetic; float64 leaves rounding of order 1e-15 per element
+    torch.testing.assert_close(adapter(x), x @ weight.T + bias, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"Adapter.init_linear: weight \(3, 7\) / bias \(3,\) must be"):
+        Adapter(7, 2).init_linear(torch.randn(3, 7), torch.randn(3))
+    with pytest.raises(ValueError, match="with hidden width 6, got hidden 5"):
+        Adapter(7, 3, hidden=5).init_linear(torch.randn(3, 7), torch.randn(3))

@@ -76,7 +76,7 @@ def test_aggregate_mean_and_sample_std():
 
 
 def test_aggregate_rejects_mixed_runs_and_handles_empty_groups():
-    with pytest.raises(ValueError, match="differ in more than the seed: (id_init, )?model"):
+    with pytest.raises(ValueError, match="differ in more than the seed: (adapter_init, )?(id_init, )?model"):
         aggregate([_fake_metrics(1), _fake_metrics(2, model="id")])
     with pytest.raises(ValueError, match="different datasets"):
         aggregate([_fake_metrics(1), _fake_metrics(2, fingerprint="zzz")])
@@ -138,6 +138,15 @@ def test_grasp_id_init_is_named_when_not_the_default(tmp_path):
     assert metrics_tables(random_init).startswith("# sasrec / grasp (id-init random) on toy")
     assert TrainConfig.from_dict(default["config"]).id_init == "pca" == TrainConfig(model="grasp").id_init
     assert TrainConfig(model="id").id_init is None
+
+
+def test_grasp_adapter_init_is_named_when_not_the_default():
+    metrics = _fake_metrics(42)
+    metrics["config"]["adapter_init"] = "pca"
+    assert metrics_tables(metrics).startswith("# sasrec / grasp (adapter-init pca) on toy")
+    metrics["config"]["id_init"] = "random"
+    assert metrics_tables(metrics).startswith("# sasrec / grasp (id-init random, adapter-init pca) on toy")
+    assert TrainConfig(model="grasp").adapter_init == "random" and TrainConfig(model="id").adapter_init is None
 
 
 def _config(**options) -> dict:

@@ -103,6 +103,20 @@ def test_run_dir_of_another_config_needs_force(tmp_path, capsys):
     assert json.loads((run / "metrics.json").read_text())["config"]["d"] == 8
 
 
+def test_run_of_a_version_before_adapter_init_resumes_and_reports(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *DATA, *FAST, "--model", "grasp", "--epochs", "1"]) == 0
+    for path in run.rglob("*.json"):  # the files as a grasp without --adapter-init wrote them
+        record = json.loads(path.read_text())
+        if isinstance(record, dict) and "adapter_init" in record.get("config", {}):
+            del record["config"]["adapter_init"]
+            path.write_text(json.dumps(record))
+    assert main(["train", "--out", str(run), *DATA, *FAST, "--model", "grasp", "--epochs", "2", "--resume"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["config"]["adapter_init"] == "random"
+    assert main(["train", "--out", str(run), *DATA, *FAST, "--model", "grasp", "--adapter-init", "pca"]) == 2
+    assert "belongs to a different training config (adapter_init: 'random' -> 'pca')" in capsys.readouterr().err
+
+
 def test_resume_gives_the_uninterrupted_result(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(["train", "--out", str(straight), *DATA, *FAST, "--epochs", "3"]) == 0

@@ -63,14 +63,18 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 def test_flags_defaults_match_config_and_round_trip():
     assert TrainConfig.from_args(_parse([])) == TrainConfig()
     args = _parse("--backbone gru4rec --model grasp --hae-branches self global --activation softmax --no-attention "
-                  "--eval-negatives all --epochs 7 --lr 0.01 --seed 3 --device cpu".split())  # fmt: skip
+                  "--eval-negatives all --epochs 7 --lr 0.01 --seed 3 --device cpu "
+                  "--adapter-init pca".split())  # fmt: skip
     config = TrainConfig.from_args(args)
-    assert config.hae_branches == ("self", "global") and config.attention is False
+    assert config.hae_branches == ("self", "global") and config.attention is False and config.adapter_init == "pca"
     assert config.eval_negatives == "all" and config.epochs == 7 and config.backbone == "gru4rec"
     assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     partial = {k: v for k, v in config.to_dict().items() if k != "id_init"}
     with pytest.raises(ValueError, match="training config keys missing: id_init"):
         TrainConfig.from_dict(partial)
+    # a config written before --adapter-init existed describes the default
+    older = {k: v for k, v in TrainConfig(model="grasp").to_dict().items() if k != "adapter_init"}
+    assert TrainConfig.from_dict(older) == TrainConfig(model="grasp", adapter_init="random")
 
 
 def test_config_holds_every_model_option():

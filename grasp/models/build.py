@@ -9,11 +9,20 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from grasp.models.backbones import GRU4Rec, bert4rec, sasrec
-from grasp.models.item_encoders import DualViewEncoder, GraspEncoder, IdEncoder, embedding_std, pca_embedding
+from grasp.models.item_encoders import (
+    DualViewEncoder,
+    GraspEncoder,
+    IdEncoder,
+    embedding_std,
+    pca_adapters,
+    pca_embedding,
+)
 from grasp.models.options import (
     ACTIVATIONS,
+    ADAPTER_INITS,
     AUTO_BERT_NEGATIVES,
     BACKBONES,
+    DEFAULT_ADAPTER_INIT,
     DEFAULT_BRANCHES,
     DEFAULT_ID_INIT,
     ID_INITS,
@@ -66,6 +75,7 @@ def build_model(
     attention: bool = True,
     hae_backend: str | None = None,
     id_init: str | None = None,
+    adapter_init: str | None = None,
     llmesr_alpha: float = 0.1,
     mask_prob: float = 0.2,
     bert_negatives: int | str = "auto",
@@ -87,6 +97,10 @@ def build_model(
         id_init: the GRASP model's ID embeddings start from ``"pca"`` of the LLM item embeddings, as LLMInit's
             do (None: the default, :data:`DEFAULT_ID_INIT`), or ``"random"`` (``N(0, 1/d)``, the plain
             backbone's). Model ``"grasp"`` only.
+        adapter_init: the GRASP model's user and item adapters start as PyTorch initialises them (``"random"``,
+            None: the default, :data:`DEFAULT_ADAPTER_INIT`) or as one linear map, the PCA of the LLM user and
+            item embeddings (``"pca"``, :func:`grasp.models.item_encoders.pca_adapters`: the gates start from
+            the LLM similarity of user and item). Model ``"grasp"`` only.
         llmesr_alpha: weight of LLM-ESR's self-distillation term (model ``"llmesr"`` only).
         mask_prob: BERT4Rec's masking probability.
         bert_negatives: BERT4Rec's loss: ``"full"`` (cross-entropy over the whole catalogue), a positive
@@ -106,9 +120,10 @@ def build_model(
     check_model_options(
         backbone, model, d=d, max_len=max_len, dropout=dropout, num_blocks=num_blocks, num_heads=num_heads,
         hae_branches=hae_branches, activation=activation, attention=attention, hae_backend=hae_backend,
-        id_init=id_init, llmesr_alpha=llmesr_alpha, mask_prob=mask_prob, bert_negatives=bert_negatives,
+        id_init=id_init, adapter_init=adapter_init, llmesr_alpha=llmesr_alpha, mask_prob=mask_prob,
+        bert_negatives=bert_negatives,
     )  # fmt: skip
-    _check_combinations(model, tuple(hae_branches), activation, attention, id_init, llmesr_alpha)
+    _check_combinations(model, tuple(hae_branches), activation, attention, id_init, adapter_init, llmesr_alpha)
     if model != "id":
         _check_tables(tables, _NEEDS[model], num_users, num_items)
 
@@ -127,6 +142,8 @@ def build_model(
             attention=attention,
             backend=hae_backend,
         )
+        if (adapter_init or DEFAULT_ADAPTER_INIT) == "pca":
+            pca_adapters(enhancer, tables.user, tables.item)
         init = pca_embedding(tables.item, d, embedding_std(d)) if (id_init or DEFAULT_ID_INIT) == "pca" else None
         encoder = GraspEncoder(
             num_items, d, enhancer, (tables.user, tables.user_sim, tables.item, tables.item_sim), init=init
@@ -168,6 +185,7 @@ def check_model_options(
     attention: bool,
     hae_backend: str | None,
     id_init: str | None,
+    adapter_init: str | None,
     llmesr_alpha: float,
     mask_prob: float,
     bert_negatives: int | str,
@@ -207,11 +225,13 @@ def check_model_options(
         raise ValueError(f"{name('hae_backend')} must be a backend name or None, got {hae_backend!r}")
     if id_init is not None and id_init not in ID_INITS:
         raise ValueError(f"{name('id_init')}: unknown {id_init!r}; valid: {', '.join(ID_INITS)}")
+    if adapter_init is not None and adapter_init not in ADAPTER_INITS:
+        raise ValueError(f"{name('adapter_init')}: unknown {adapter_init!r}; valid: {', '.join(ADAPTER_INITS)}")
 
 
 def _check_combinations(
     model: str, hae_branches: tuple[str, ...], activation: str, attention: bool, id_init: str | None,
-    llmesr_alpha: float,
+    adapter_init: str | None, llmesr_alpha: float,
 ) -> None:
     """Refuse options that do not apply to ``model`` or do not go together (the options are valid alone)."""
     all_branches = set(hae_branches) == set(DEFAULT_BRANCHES)
@@ -224,6 +244,8 @@ def _check_combinations(
         raise ValueError(
             f"id_init applies to model 'grasp' only, not {model!r} (id is random, llminit and llmesr use pca)"
         )
+    if model != "grasp" and adapter_init is not None:
+        raise ValueError(f"adapter_init applies to model 'grasp' only, not {model!r} (it has no GRASP adapters)")
     if model != "llmesr" and llmesr_alpha != 0.1:
         raise ValueError(f"llmesr_alpha applies to model 'llmesr' only, not {model!r}")
 

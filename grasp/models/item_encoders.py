@@ -28,6 +28,7 @@ __all__ = [
     "GraspEncoder",
     "DualViewEncoder",
     "pca_embedding",
+    "pca_adapters",
     "embedding_std",
 ]
 
@@ -91,6 +92,42 @@ def pca_embedding(item: np.ndarray, d: int, std: float) -> Tensor:
     if k < d:
         z = torch.cat([z, torch.randn(n, d - k) * std], 1)
     return torch.cat([z.new_zeros(1, d), z])
+
+
+def pca_adapters(enhancer: HolisticAttention, user: np.ndarray, item: np.ndarray) -> None:
+    """Start GRASP's user and item adapters as one linear map of the LLM space (``--adapter-init pca``).
+
+    Both adapters compute ``c (x - mean) P^T`` (:meth:`grasp.nn.Adapter.init_linear`), ``P`` the top-``d``
+    principal directions of the user and item LLM embeddings (rows 1..n of ``user`` and ``item``) together, so
+    a gate logit ``<u, i> / sqrt(d)`` starts as a scaled dot product of the two LLM vectors in that subspace:
+    ordered as the LLM similarity of user and item, which tells right context from wrong (README: the gates of
+    adapters trained from PyTorch's default start do not). The item scale gives the adapted items (the gated
+    values) an RMS norm of 1, the norm of an ID embedding; the user scale gives the self-branch logits a
+    standard deviation of 1 over independent (user, item) pairs. Columns past the data's rank start at zero.
+    """
+    if user.shape[1] != item.shape[1]:
+        raise ValueError(
+            "adapter_init 'pca' needs user and item LLM embeddings of one width, "
+            f"got {user.shape[1]} and {item.shape[1]}"
+        )
+    users, items = (torch.as_tensor(np.asarray(t[1:], dtype=np.float64)) for t in (user, item))
+    both = torch.cat([users, items])
+    mean = both.mean(0)
+    centred = both - mean
+    d = enhancer.d
+    k = min(d, *centred.shape)
+    _, vectors = torch.linalg.eigh(centred.T @ centred)
+    basis = torch.zeros(d, both.shape[1], dtype=torch.float64)
+    basis[:k] = vectors[:, -k:].flip(1).T
+    z_user, z_item = (users - mean) @ basis.T, (items - mean) @ basis.T
+    item_scale = 1 / z_item.square().sum(1).mean().sqrt().clamp(min=1e-12)
+    # Var <z_u, z_i> over independent pairs: E[<z_u, z_i>^2] - E[<z_u, z_i>]^2 = tr(S_u S_i) - <m_u, m_i>^2.
+    second_user, second_item = (z.T @ z / len(z) for z in (z_user, z_item))
+    variance = (second_user * second_item).sum() - z_user.mean(0).dot(z_item.mean(0)).square()
+    user_scale = d**0.5 / (item_scale * variance.clamp(min=1e-24).sqrt())
+    for adapter, scale in ((enhancer.user_adapter, user_scale), (enhancer.item_adapter, item_scale)):
+        weight = scale * basis
+        adapter.init_linear(weight.float(), (-weight @ mean).float())
 
 
 class IdEncoder(nn.Module):

@@ -11,6 +11,8 @@ __all__ = [
     "ACTIVATIONS",
     "ID_INITS",
     "DEFAULT_ID_INIT",
+    "ADAPTER_INITS",
+    "DEFAULT_ADAPTER_INIT",
     "AUTO_BERT_NEGATIVES",
 ]
 
@@ -24,5 +26,10 @@ ACTIVATIONS = ("sigmoid", "softmax")
 ID_INITS = ("random", "pca")
 #: GRASP's default ID initialisation (it beats ``"random"`` on ml-100k and amazon-office; README).
 DEFAULT_ID_INIT = "pca"
+#: How GRASP initialises its user and item adapters: PyTorch's default, or as one linear map, the PCA of the LLM
+#: user and item embeddings, so the gates start from the LLM similarity of user and item (README).
+ADAPTER_INITS = ("random", "pca")
+#: GRASP's default adapter initialisation.
+DEFAULT_ADAPTER_INIT = "random"
 #: Sampled-softmax size of BERT4Rec under ``bert_negatives="auto"`` (every model: the same loss for all).
 AUTO_BERT_NEGATIVES = 256

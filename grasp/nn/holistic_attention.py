@@ -31,6 +31,26 @@ class Adapter(nn.Sequential):
         hidden = hidden or 2 * d
         super().__init__(nn.Linear(in_dim, hidden), nn.GELU(), Dropout(dropout), nn.Linear(hidden, d))
 
+    @torch.no_grad()
+    def init_linear(self, weight: Tensor, bias: Tensor) -> None:
+        """Set the parameters so that the adapter computes exactly ``x @ weight.T + bias`` (until trained).
+
+        ``weight`` is ``[d, in_dim]``, ``bias`` ``[d]``; the hidden width must be ``2 d``. It uses
+        ``gelu(z) - gelu(-z) = z``: the first layer computes ``z`` and ``-z``, the second takes the difference.
+        """
+        first, last = self[0], self[3]
+        d = last.out_features
+        if first.out_features != 2 * d or weight.shape != (d, first.in_features) or bias.shape != (d,):
+            raise ValueError(
+                f"Adapter.init_linear: weight {tuple(weight.shape)} / bias {tuple(bias.shape)} must be "
+                f"({d}, {first.in_features}) / ({d},) with hidden width {2 * d}, got hidden {first.out_features}"
+            )
+        first.weight.copy_(torch.cat([weight, -weight]))
+        first.bias.copy_(torch.cat([bias, -bias]))
+        eye = torch.eye(d, dtype=last.weight.dtype, device=last.weight.device)
+        last.weight.copy_(torch.cat([eye, -eye], 1))
+        last.bias.zero_()
+
 
 class HolisticAttention(nn.Module):
     """User and item adapters, the holistic attention op, and an MLP ``4d -> d -> d``: the GRASP enhancer.

@@ -28,7 +28,7 @@ from grasp.data.store import load_dataset
 from grasp.pipeline.cli import add_stage_arguments, run_stages
 from grasp.pipeline.stages import StageError
 from grasp.pipeline.tables import Tables
-from grasp.training.config import TrainConfig, add_train_arguments
+from grasp.training.config import TrainConfig, add_train_arguments, with_later_fields
 from grasp.training.report import write_report, write_summary
 from grasp.training.rundir import check_same_setup, read_record, refuse_overwrite, table_hashes, texts_source
 
@@ -70,7 +70,7 @@ def _check_run(run_dir: Path, record: dict[str, Any], force: bool) -> None:
     compared = [key for key in ("pipeline_dir", "tables") if key in record]  # the tables, once they are known
     check_same_setup(
         run_dir,
-        {**old["config"], **{key: old.get(key) for key in compared}},
+        {**with_later_fields(old["config"]), **{key: old.get(key) for key in compared}},
         {**record["config"], **{key: record[key] for key in compared}},
         kind="training config",
         force=force,

@@ -18,7 +18,16 @@ from collections.abc import Callable
 from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any, get_type_hints
 
-from grasp.models.options import ACTIVATIONS, BACKBONES, DEFAULT_BRANCHES, DEFAULT_ID_INIT, ID_INITS, MODELS
+from grasp.models.options import (
+    ACTIVATIONS,
+    ADAPTER_INITS,
+    BACKBONES,
+    DEFAULT_ADAPTER_INIT,
+    DEFAULT_BRANCHES,
+    DEFAULT_ID_INIT,
+    ID_INITS,
+    MODELS,
+)
 
 __all__ = [
     "TrainConfig",
@@ -26,6 +35,7 @@ __all__ = [
     "parse_bert_negatives",
     "parse_eval_negatives",
     "RUN_DEFINING_EXCLUDED",
+    "with_later_fields",
 ]
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -105,9 +115,10 @@ def _option(
 class TrainConfig:
     """Everything that defines a training run (docs/design.md section 6 gives the defaults).
 
-    Each field's meaning is its help text (``grasp train --help``). ``id_init`` None becomes
-    :data:`grasp.models.options.DEFAULT_ID_INIT` for GRASP; ``eval_negatives`` and ``bert_negatives`` also
-    take their command-line text (``"all"``, ``"auto"``, ``"full"`` or a number).
+    Each field's meaning is its help text (``grasp train --help``). ``id_init`` and ``adapter_init`` None
+    become :data:`grasp.models.options.DEFAULT_ID_INIT` and ``DEFAULT_ADAPTER_INIT`` for GRASP;
+    ``eval_negatives`` and ``bert_negatives`` also take their command-line text (``"all"``, ``"auto"``,
+    ``"full"`` or a number).
     """
 
     backbone: str = _option("sasrec", "sequential backbone (default: %(default)s)", group="model",
@@ -166,6 +177,15 @@ class TrainConfig:
         choices=ID_INITS,
         applies_to=_GRASP,
     )
+    adapter_init: str | None = _option(
+        None,
+        "GRASP's user and item adapters: random (PyTorch's init) or pca (one linear map, the PCA of the LLM user and "
+        "item embeddings: the gates start from their LLM similarity) "
+        f"(grasp only; default: {DEFAULT_ADAPTER_INIT})",
+        group="model",
+        choices=ADAPTER_INITS,
+        applies_to=_GRASP,
+    )
     llmesr_alpha: float = _option(0.1, "LLM-ESR self-distillation weight (llmesr only; default: %(default)s)",
                                   group="model", applies_to=_LLMESR)  # fmt: skip
     bert_negatives: int | str = _option(
@@ -213,6 +233,8 @@ class TrainConfig:
         self.hae_branches = tuple(self.hae_branches)
         if self.model == "grasp" and self.id_init is None:
             self.id_init = DEFAULT_ID_INIT
+        if self.model == "grasp" and self.adapter_init is None:
+            self.adapter_init = DEFAULT_ADAPTER_INIT
         if isinstance(self.eval_negatives, str) and self.eval_negatives != "all":
             self.eval_negatives = parse_eval_negatives(self.eval_negatives)
         if isinstance(self.bert_negatives, str) and self.bert_negatives not in ("auto", "full"):
@@ -269,6 +291,7 @@ class TrainConfig:
         unknown = sorted(set(data) - set(_FIELDS))
         if unknown:
             raise ValueError(f"unknown training config keys: {', '.join(unknown)}")
+        data = with_later_fields(data)
         missing = [name for name in _FIELDS if name not in data]
         if missing:
             raise ValueError(f"training config keys missing: {', '.join(missing)} (written by another grasp version?)")
@@ -286,6 +309,16 @@ class TrainConfig:
 
 
 _FIELDS: dict[str, Field] = {spec.name: spec for spec in fields(TrainConfig)}
+#: Fields that configs written before they existed lack, and the value that gives those runs' behaviour.
+_ADDED_LATER: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "adapter_init": lambda data: DEFAULT_ADAPTER_INIT if data.get("model") == "grasp" else None,
+}
+
+
+def with_later_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved config dict (``TrainConfig.to_dict`` of an older grasp) completed with the fields added since,
+    set as the run behaved without them."""
+    return {**{name: value(data) for name, value in _ADDED_LATER.items() if name not in data}, **data}
 
 
 @functools.cache

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from grasp._io import write_bytes, write_json, write_text
-from grasp.models.options import DEFAULT_ID_INIT
-from grasp.training.config import RUN_DEFINING_EXCLUDED, TrainConfig
+from grasp.models.options import DEFAULT_ADAPTER_INIT, DEFAULT_ID_INIT
+from grasp.training.config import RUN_DEFINING_EXCLUDED, TrainConfig, with_later_fields
 from grasp.training.metrics import GROUPS, KS
 
 if TYPE_CHECKING:
@@ -66,6 +66,8 @@ _GROUP_NAMES = {
     "head_item": "head items",
 }
 _METRICS = [f"NDCG@{k}" for k in KS] + [f"HR@{k}" for k in KS]
+#: Config keys that seeds of one run may differ in.
+_NOT_DEFINING = ("seed", "epochs", "device")
 
 
 def _fmt(value: Any) -> str:
@@ -95,12 +97,19 @@ def _group_table(groups: dict[str, Any], sizes: dict[str, int] | None) -> str:
 
 
 def _model_label(config: dict[str, Any]) -> str:
-    """The model's name; GRASP's ID initialisation is named when it is not the default."""
+    """The model's name; GRASP's ID and adapter initialisations are named when they are not the defaults."""
     label = str(config.get("model", "?"))
     if label != "grasp":
         return label
-    id_init = config.get("id_init")
-    return label if id_init == DEFAULT_ID_INIT else f"{label} (id-init {id_init})"
+    inits = [
+        f"{flag} {value}"
+        for flag, value, default in (
+            ("id-init", config.get("id_init"), DEFAULT_ID_INIT),
+            ("adapter-init", config.get("adapter_init", DEFAULT_ADAPTER_INIT), DEFAULT_ADAPTER_INIT),
+        )
+        if value != default
+    ]
+    return f"{label} ({', '.join(inits)})" if inits else label
 
 
 def metrics_tables(metrics: dict[str, Any]) -> str:
@@ -169,9 +178,9 @@ def aggregate(metrics_list: list[dict[str, Any]]) -> dict[str, Any]:
     if not metrics_list:
         raise ValueError("aggregate needs at least one metrics dict")
     first = metrics_list[0]
-    base = {k: v for k, v in first.get("config", {}).items() if k not in ("seed", "epochs", "device")}
+    base = {k: v for k, v in with_later_fields(first.get("config", {})).items() if k not in _NOT_DEFINING}
     for m in metrics_list[1:]:
-        other = {k: v for k, v in m.get("config", {}).items() if k not in ("seed", "epochs", "device")}
+        other = {k: v for k, v in with_later_fields(m.get("config", {})).items() if k not in _NOT_DEFINING}
         diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
         if diff:
             raise ValueError(f"aggregate: runs differ in more than the seed: {', '.join(diff)}")
