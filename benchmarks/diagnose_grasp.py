@@ -94,7 +94,7 @@ def diagnose(seed_dir: Path, pipeline_dir: Path) -> dict[str, float]:
         "NDCG@10 without enhancer": without["overall"]["NDCG@10"],
         "tail-item NDCG@10": with_llm["tail_item"]["NDCG@10"],
         "tail-item NDCG@10 without": without["tail_item"]["NDCG@10"],
-        "median |enh| / |id|": ratio,
+        "median ‖enh‖ / ‖id‖": ratio,
         "best epoch": float(best["epoch"]),
         "train loss at best": float(best["loss"]),
         "valid NDCG@10 at best": float(best["valid_NDCG@10"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import itertools
 
@@ -384,6 +385,16 @@ def test_grasp_adapter_init_pca_starts_the_gates_from_the_llm_similarity(dim):
         assert torch.corrcoef(torch.stack([logits.flatten(), centred.flatten()]))[0, 1] > 0.9
     default = make("sasrec", "grasp", tables)
     assert not torch.allclose(default.encoder.enhancer.user_adapter[0].weight, enhancer.user_adapter[0].weight)
+
+
+def test_grasp_adapter_init_pca_streams_the_tables_in_chunks(monkeypatch):
+    tables = random_tables()
+    whole = make("sasrec", "grasp", tables, adapter_init="pca").encoder.enhancer
+    monkeypatch.setattr(item_encoders, "_rows_float64", functools.partial(item_encoders._rows_float64, chunk=5))
+    chunked = make("sasrec", "grasp", tables, adapter_init="pca").encoder.enhancer
+    for adapter in ("user_adapter", "item_adapter"):
+        for a, b in zip(getattr(whole, adapter).parameters(), getattr(chunked, adapter).parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_self_branch_ignores_the_neighbour_tables():

@@ -16,6 +16,8 @@ multi-view encoder's views are run through the backbone separately (see :mod:`gr
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -110,24 +112,41 @@ def pca_adapters(enhancer: HolisticAttention, user: np.ndarray, item: np.ndarray
             "adapter_init 'pca' needs user and item LLM embeddings of one width, "
             f"got {user.shape[1]} and {item.shape[1]}"
         )
-    users, items = (torch.as_tensor(np.asarray(t[1:], dtype=np.float64)) for t in (user, item))
-    both = torch.cat([users, items])
-    mean = both.mean(0)
-    centred = both - mean
+    tables = (user, item)
+    count = sum(len(t) - 1 for t in tables)
+    mean = sum(chunk.sum(0) for t in tables for chunk in _rows_float64(t)) / count
+    scatter = sum(_gram(chunk - mean) for t in tables for chunk in _rows_float64(t))
+    _, vectors = torch.linalg.eigh(scatter)
     d = enhancer.d
-    k = min(d, *centred.shape)
-    _, vectors = torch.linalg.eigh(centred.T @ centred)
-    basis = torch.zeros(d, both.shape[1], dtype=torch.float64)
+    k = min(d, count, len(mean))
+    basis = torch.zeros(d, len(mean), dtype=torch.float64)
     basis[:k] = vectors[:, -k:].flip(1).T
-    z_user, z_item = (users - mean) @ basis.T, (items - mean) @ basis.T
-    item_scale = 1 / z_item.square().sum(1).mean().sqrt().clamp(min=1e-12)
+    # Per table, over its projected rows z = (x - mean) P^T: the mean of z and the second moment E[z z^T].
+    moments = []
+    for t in tables:
+        total, second = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+        for chunk in _rows_float64(t):
+            z = (chunk - mean) @ basis.T
+            total, second = total + z.sum(0), second + _gram(z)
+        moments.append((total / (len(t) - 1), second / (len(t) - 1)))
+    (mean_user, second_user), (mean_item, second_item) = moments
+    item_scale = 1 / second_item.trace().clamp(min=1e-24).sqrt()
     # Var <z_u, z_i> over independent pairs: E[<z_u, z_i>^2] - E[<z_u, z_i>]^2 = tr(S_u S_i) - <m_u, m_i>^2.
-    second_user, second_item = (z.T @ z / len(z) for z in (z_user, z_item))
-    variance = (second_user * second_item).sum() - z_user.mean(0).dot(z_item.mean(0)).square()
+    variance = (second_user * second_item).sum() - mean_user.dot(mean_item).square()
     user_scale = d**0.5 / (item_scale * variance.clamp(min=1e-24).sqrt())
     for adapter, scale in ((enhancer.user_adapter, user_scale), (enhancer.item_adapter, item_scale)):
         weight = scale * basis
         adapter.init_linear(weight.float(), (-weight @ mean).float())
+
+
+def _rows_float64(table: np.ndarray, chunk: int = 1 << 14) -> Iterator[Tensor]:
+    """Rows 1..n of a frozen table as float64 tensors of at most ``chunk`` rows (bounds the memory of a pass)."""
+    for start in range(1, len(table), chunk):
+        yield torch.as_tensor(np.asarray(table[start : start + chunk], dtype=np.float64))
+
+
+def _gram(x: Tensor) -> Tensor:
+    return x.T @ x
 
 
 class IdEncoder(nn.Module):
