@@ -76,9 +76,7 @@ def diagnose(seed_dir: Path, pipeline_dir: Path) -> dict[str, float]:
         s1 = (i * u.unsqueeze(1)).sum(-1)[real]
         s2 = (i_sim * u_sim.unsqueeze(1)).sum(-1)[real]
         gates = torch.sigmoid(gate_logits(s1, s2, d)).T
-        llm_cosine = torch.cosine_similarity(
-            tables_rows(tables.user, users).unsqueeze(1), tables_rows(tables.item, histories), dim=-1
-        )[real]
+        llm_cosine = torch.cosine_similarity(encoder.user[users].unsqueeze(1), encoder.item[histories], dim=-1)[real]
     item_wrong = torch.from_numpy(np.isin(histories.numpy(), swapped(pipeline_dir, "items")))[real]
     user_wrong = torch.from_numpy(np.isin(users.numpy(), swapped(pipeline_dir, "users")))
     user_wrong = user_wrong.unsqueeze(1).expand_as(histories)[real]
@@ -113,11 +111,6 @@ def diagnose(seed_dir: Path, pipeline_dir: Path) -> dict[str, float]:
     for name, values in zip(names, (llm_cosine, *gates), strict=True):
         result[f"AUC right > wrong: {name}"] = auc(values[right], values[wrong]) if wrong.any() else "–"
     return result
-
-
-def tables_rows(table: np.ndarray, ids: torch.Tensor) -> torch.Tensor:
-    """float32 rows ``ids`` (any shape) of a frozen LLM table."""
-    return torch.from_numpy(np.asarray(table, dtype=np.float32))[ids]
 
 
 def auc(higher: torch.Tensor, lower: torch.Tensor) -> float:

@@ -101,11 +101,12 @@ def _model_label(config: dict[str, Any]) -> str:
     label = str(config.get("model", "?"))
     if label != "grasp":
         return label
+    config = with_later_fields(config)
     inits = [
         f"{flag} {value}"
         for flag, value, default in (
             ("id-init", config.get("id_init"), DEFAULT_ID_INIT),
-            ("adapter-init", config.get("adapter_init", DEFAULT_ADAPTER_INIT), DEFAULT_ADAPTER_INIT),
+            ("adapter-init", config["adapter_init"], DEFAULT_ADAPTER_INIT),
         )
         if value != default
     ]
